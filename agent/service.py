@@ -1,0 +1,372 @@
+"""The agent service: MQTT in, pipeline, alarms out to MQTT and SQLite.
+
+Threads: paho's network thread only queues incoming messages (bounded; a full queue is
+counted); one worker thread decodes, windows, scores and raises alarms, in arrival order.
+Alarm events are committed to SQLite before they are published with QoS 1; the broker's
+acknowledgement marks them published. Unacknowledged events are published again on the
+next connection.
+
+Topics (``<prefix>`` is ``alarm_prefix``):
+
+- ``<prefix>/<asset>/alarm``: alarm raise and clear, QoS 1, not retained;
+- ``<prefix>/agents/<client_id>/status``: the agent's status, QoS 1, retained; ``online``
+  with counters while running, ``offline`` on a clean stop and as the last will.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import signal
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+from agent import __version__
+from agent.alarms import AlarmEvent
+from agent.bundle import load_bundle
+from agent.config import AgentConfig, AssetConfig
+from agent.inference import load_backend
+from agent.ingest import PayloadError, Route, decode_payload
+from agent.pipeline import AssetPipeline, Pipeline, settings_from_bundle
+from agent.store import AlarmStore
+from agent.timeutil import to_iso
+
+log = logging.getLogger(__name__)
+
+DRAIN_BATCH = 512
+ACK_TIMEOUT = 10.0
+WARN_INTERVAL = 10.0
+
+
+class StartupError(RuntimeError):
+    """The agent cannot start; the message says what to fix."""
+
+
+def status_topic(config: AgentConfig) -> str:
+    return f"{config.alarm_prefix}/agents/{config.broker.client_id}/status"
+
+
+def alarm_topic(config: AgentConfig, asset: str) -> str:
+    return f"{config.alarm_prefix}/{asset}/alarm"
+
+
+def build_pipeline(config: AgentConfig, backend_kind: str = "auto") -> Pipeline:
+    """Load every asset's bundle (once per path), its backend, and the asset pipelines."""
+    loaded: dict = {}
+    assets = []
+    for asset in config.assets:
+        if asset.model not in loaded:
+            bundle = load_bundle(asset.model)
+            loaded[asset.model] = (bundle, load_backend(bundle, backend_kind,
+                                                        config.inference_threads))
+        bundle, backend = loaded[asset.model]
+        assets.append(AssetPipeline(_settings(asset, bundle), bundle, backend))
+    return Pipeline(assets)
+
+
+def _settings(asset: AssetConfig, bundle):
+    channels = [c.name for c in asset.channels]
+    if len(channels) != len(bundle.channels):
+        raise StartupError(
+            f"asset {asset.name!r} has {len(channels)} channels but its model "
+            f"{bundle.model_id} takes {len(bundle.channels)} ({', '.join(bundle.channels)})"
+        )
+    if channels != bundle.channels:
+        log.info("asset %s: channels %s feed model inputs %s in that order", asset.name,
+                 channels, bundle.channels)
+    return settings_from_bundle(
+        bundle, asset.name, channels,
+        sample_period=asset.sample_period,
+        snapshot_length=asset.snapshot_length,
+        hop=asset.hop,
+        normalization=asset.normalization,
+        ensemble=asset.ensemble,
+        max_missing=asset.max_missing,
+        max_lateness=asset.max_lateness,
+        threshold=asset.alarm.threshold,
+        hysteresis=asset.alarm.hysteresis,
+        min_duration=asset.alarm.min_duration,
+    )
+
+
+def routes(config: AgentConfig) -> dict[str, Route]:
+    table = {}
+    for asset in config.assets:
+        names = frozenset(c.name for c in asset.channels)
+        if asset.topic:
+            table[asset.topic] = Route(asset.name, None, names)
+        for channel in asset.channels:
+            if channel.topic:
+                table[channel.topic] = Route(asset.name, channel.name, names)
+    return table
+
+
+class AgentService:
+    """One running agent: MQTT client, worker loop, pipeline and alarm store."""
+
+    def __init__(self, config: AgentConfig, backend: str = "auto"):
+        self.config = config
+        self.backend_kind = backend
+        self.routes = routes(config)
+        self.counters: collections.Counter = collections.Counter()
+        self.inbox: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+        self.started = time.time()
+        self._acks: queue.Queue = queue.Queue()
+        self._inflight: dict[int, int] = {}
+        self._inflight_lock = threading.Lock()
+        self._last_warning: dict[str, float] = {}
+        self._suppressed: collections.Counter = collections.Counter()
+        self.pipeline: Pipeline | None = None
+        self.store: AlarmStore | None = None
+        self.client: mqtt.Client | None = None
+
+    # Start-up ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load models, open the store, connect to the broker."""
+        self.pipeline = build_pipeline(self.config, self.backend_kind)
+        self.store = AlarmStore(self.config.database)
+        self.client = self._make_client()
+        broker = self.config.broker
+        log.info("connecting to %s:%d as %s", broker.host, broker.port, broker.client_id)
+        try:
+            self.client.connect_async(broker.host, broker.port, keepalive=broker.keepalive)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot connect to {broker.host}:{broker.port}: {exc}") from exc
+        self.client.loop_start()
+
+    def _make_client(self) -> mqtt.Client:
+        broker = self.config.broker
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=broker.client_id,
+                             clean_session=True, protocol=mqtt.MQTTv311)
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(1, 30)
+        client.will_set(status_topic(self.config), json.dumps(self._status("offline")),
+                        qos=1, retain=True)
+        if broker.username is not None:
+            client.username_pw_set(broker.username, broker.password)
+        if broker.tls is not None:
+            tls = broker.tls
+            client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            client.tls_insecure_set(tls.insecure)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    # paho callbacks (network thread): never block --------------------------------------
+
+    def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        log.info("connected to the broker")
+        if not self.stopping.is_set():
+            client.subscribe([(topic, 1) for topic in self.routes])
+        client.publish(status_topic(self.config), json.dumps(self._status("online")), qos=1,
+                       retain=True)
+        self.connected.set()
+        self._acks.put(("resend", None))
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
+        self.connected.clear()
+        if not self.stopping.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, _client, _userdata, message) -> None:
+        try:
+            self.inbox.put_nowait((message.topic, message.payload))
+        except queue.Full:
+            self.counters["rejected.queue_full"] += 1
+
+    def _on_publish(self, _client, _userdata, mid, _reason_code, _properties) -> None:
+        self._acks.put(("ack", mid))
+
+    # Worker loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Process messages until stop() is called; then drain, score what is left, exit."""
+        next_status = time.monotonic() + self.config.status_interval
+        while not self.stopping.is_set():
+            self._process_inbox(timeout=0.2)
+            self._handle_acks()
+            if time.monotonic() >= next_status:
+                self.publish_status()
+                next_status = time.monotonic() + self.config.status_interval
+        self._shutdown()
+
+    def stop(self, *_args) -> None:
+        """Ask the worker loop to stop (signal-safe)."""
+        self.stopping.set()
+
+    def _process_inbox(self, timeout: float) -> None:
+        try:
+            items = [self.inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return
+        while len(items) < DRAIN_BATCH:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for topic, payload in items:
+            self._ingest(topic, payload)
+        self._emit(self.pipeline.step())
+
+    def _ingest(self, topic: str, payload: bytes) -> None:
+        self.counters["messages_received"] += 1
+        route = self.routes.get(topic)
+        if route is None:
+            self._reject("unknown_topic", f"topic {topic!r} is not configured")
+            return
+        try:
+            decoded = decode_payload(payload, route)
+        except PayloadError as exc:
+            self._reject(exc.reason, f"topic {topic}: {exc.detail}")
+            return
+        for reason in decoded.rejected:
+            self._reject(reason, f"topic {topic}: a sample in a batch was rejected")
+        self.pipeline.assets[route.asset].add(decoded.samples)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.counters[f"rejected.{reason}"] += 1
+        now = time.monotonic()
+        if now - self._last_warning.get(reason, -1e9) >= WARN_INTERVAL:
+            more = self._suppressed.pop(reason, 0)
+            tail = f" ({more} more since the last warning)" if more else ""
+            log.warning("rejected (%s): %s%s", reason, detail, tail)
+            self._last_warning[reason] = now
+        else:
+            self._suppressed[reason] += 1
+
+    def _emit(self, events: list[AlarmEvent]) -> None:
+        for event in events:
+            topic = alarm_topic(self.config, event.asset)
+            outbox_id = self.store.record(event, topic)
+            if outbox_id is None:
+                self.counters["alarms_duplicate"] += 1
+                continue
+            self.counters[f"alarms_{event.state}"] += 1
+            log.info("alarm %s %s/%s %s from %s (peak %.2f)", event.alarm_id[:8], event.asset,
+                     event.class_name, "raised" if event.state == "active" else "cleared",
+                     to_iso(event.start), event.peak_score)
+            self._publish_outbox(outbox_id, topic, json.dumps(event.to_message()))
+
+    def _publish_outbox(self, outbox_id: int, topic: str, payload: str) -> None:
+        if not self.connected.is_set():
+            return  # stays pending; published again on the next connection
+        with self._inflight_lock:
+            info = self.client.publish(topic, payload, qos=1)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self._inflight[info.mid] = outbox_id
+
+    def _handle_acks(self) -> None:
+        acked = []
+        resend = False
+        while True:
+            try:
+                kind, mid = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "resend":
+                resend = True
+                continue
+            with self._inflight_lock:
+                outbox_id = self._inflight.pop(mid, None)
+            if outbox_id is not None:
+                acked.append(outbox_id)
+        self.store.mark_published(acked)
+        if resend:
+            self._resend_pending()
+
+    def _resend_pending(self) -> None:
+        with self._inflight_lock:
+            waiting = set(self._inflight.values())
+        for row in self.store.pending():
+            if row.id not in waiting:
+                self._publish_outbox(row.id, row.topic, row.payload)
+
+    # Status and shutdown ------------------------------------------------------------------
+
+    def _status(self, state: str) -> dict:
+        status = {
+            "state": state,
+            "client_id": self.config.broker.client_id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": to_iso(self.started),
+            "time": to_iso(time.time()),
+        }
+        if state == "online" and self.pipeline is not None:
+            counters = dict(self.counters)
+            counters.update(self.pipeline.counter_totals())
+            status["counters"] = dict(sorted(counters.items()))
+            status["inference_seconds"] = round(self.pipeline.inference_seconds, 3)
+            status["models"] = {name: a.bundle.model_id
+                                for name, a in self.pipeline.assets.items()}
+            status["queue_depth"] = self.inbox.qsize()
+            status["outbox_pending"] = self.store.pending_count()
+        return status
+
+    def publish_status(self) -> None:
+        if self.connected.is_set():
+            self.client.publish(status_topic(self.config), json.dumps(self._status("online")),
+                                qos=1, retain=True)
+
+    def _shutdown(self) -> None:
+        log.info("stopping: no new samples; scoring what is buffered")
+        try:
+            self.client.unsubscribe(list(self.routes))
+        except (ValueError, OSError):
+            pass
+        while not self.inbox.empty():
+            self._process_inbox(timeout=0.0)
+        self._emit(self.pipeline.stop())
+        self._wait_for_acks()
+        self.publish_status()
+        info = self.client.publish(status_topic(self.config),
+                                   json.dumps(self._status("offline")), qos=1, retain=True)
+        if self.connected.is_set():
+            info.wait_for_publish(timeout=5.0)
+        self.client.disconnect()
+        self.client.loop_stop()
+        pending = self.store.pending_count()
+        if pending:
+            log.warning("%d alarm events not acknowledged by the broker; they are kept in %s "
+                        "and published at the next start", pending, self.config.database)
+        self.store.close()
+        log.info("stopped")
+
+    def _wait_for_acks(self) -> None:
+        deadline = time.monotonic() + ACK_TIMEOUT
+        while time.monotonic() < deadline:
+            self._handle_acks()
+            with self._inflight_lock:
+                if not self._inflight:
+                    return
+            time.sleep(0.05)
+
+
+def run_agent(config: AgentConfig, backend: str = "auto") -> int:
+    """Run until SIGTERM or SIGINT; exit status 0 after a clean drain."""
+    service = AgentService(config, backend)
+    service.start()
+    signal.signal(signal.SIGTERM, service.stop)
+    signal.signal(signal.SIGINT, service.stop)
+    service.run()
+    return 0

@@ -1,0 +1,45 @@
+"""``segwatch-train``: train, evaluate and export models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(prog="segwatch-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dodgers = sub.add_parser("dodgers", help="train, export and evaluate the Dodgers U-Net")
+    dodgers.add_argument("--data", type=Path, default=None,
+                         help="folder with Dodgers.data and Dodgers.events "
+                              "(default: ../shared/data/dodgers)")
+    dodgers.add_argument("--out", type=Path, default=ROOT / "models" / "dodgers-unet",
+                         help="bundle folder to write (default: models/dodgers-unet)")
+    dodgers.add_argument("--results", type=Path, default=ROOT / "results" / "dodgers-unet.json")
+    dodgers.add_argument("--epochs", type=int, default=12)
+    dodgers.add_argument("--snapshots-per-epoch", type=int, default=4096)
+    dodgers.add_argument("--seed", type=int, default=1)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    logging.getLogger("agent.inference").setLevel(logging.WARNING)
+    command = "segwatch-train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+    if args.command == "dodgers":
+        from trainer import dodgers as task
+
+        data = args.data or task.DEFAULT_DATA
+        if not (data / "Dodgers.data").is_file():
+            parser.error(f"no Dodgers.data in {data}; pass --data FOLDER")
+        task.run(data, args.out, args.results, args.epochs, args.snapshots_per_epoch,
+                 args.seed, command)
+    return 0
