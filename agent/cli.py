@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--start", help="first sample time to send (ISO 8601 with offset)")
     rep.add_argument("--end", help="last sample time to send (ISO 8601 with offset)")
     rep.add_argument("--time-column", help="CSV timestamp column (default: detected)")
+    rep.add_argument("--columns", help="comma-separated CSV columns to send (default: all)")
     rep.add_argument("--qos", type=int, choices=[0, 1], default=1)
 
     demo = sub.add_parser("demo", help="the Dodgers demo on an embedded MQTT broker")
@@ -117,6 +118,15 @@ def _replay(args) -> int:
     except (OSError, ValueError, TimestampError) as exc:
         print(f"segwatch-agent replay: {exc}", file=sys.stderr)
         return 2
+    if args.columns:
+        wanted = [name.strip() for name in args.columns.split(",")]
+        unknown = [name for name in wanted if name not in series.channels]
+        if unknown:
+            print(f"segwatch-agent replay: no column {unknown[0]!r}; columns: "
+                  f"{', '.join(series.channels)}", file=sys.stderr)
+            return 2
+        index = [series.channels.index(name) for name in wanted]
+        series = Series(series.ts, series.values[:, index], wanted, series.period)
     keep = (series.ts >= lo) & (series.ts <= hi)
     series = Series(series.ts[keep], series.values[keep], series.channels, series.period)
     if not len(series.ts):

@@ -205,7 +205,7 @@ def _asset(v: _Validator, raw: Any, key: str) -> AssetConfig:
         v.no_unknown(ch, ck, {"name", "topic"})
         topic = ch.get("topic")
         channels.append(ChannelConfig(
-            name=v.segment(ch.get("name"), f"{ck}.name"),
+            name=v.string(ch.get("name"), f"{ck}.name"),
             topic=v.topic(topic, f"{ck}.topic") if topic is not None else None,
         ))
     channel_names = [c.name for c in channels]

@@ -162,8 +162,9 @@ def run_demo(data_dir: Path = DEFAULT_DATA, database: Path = Path("demo.db"),
         config_path = Path(tmp) / "demo.yaml"
         config_path.write_text(yaml.safe_dump(raw))
         watcher = AlarmWatcher(port, prefix, status)
-        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
-                                  str(config_path)], env=_child_env())
+        command = [sys.executable, "-m", "agent", "--log-level", "warning", "run", "--config",
+                   str(config_path)]
+        agent = subprocess.Popen(command, env=_child_env())
         try:
             watcher.wait(lambda: watcher.status.get("state") == "online" or agent.poll()
                          is not None, 120, "the agent to come online")

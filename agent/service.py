@@ -261,7 +261,7 @@ class AgentService:
             if outbox_id is None:
                 self.counters["alarms_duplicate"] += 1
                 continue
-            self.counters[f"alarms_{event.state}"] += 1
+            self.counters["alarms_raised" if event.state == "active" else "alarms_cleared"] += 1
             log.info("alarm %s %s/%s %s from %s (peak %.2f)", event.alarm_id[:8], event.asset,
                      event.class_name, "raised" if event.state == "active" else "cleared",
                      to_iso(event.start), event.peak_score)

@@ -172,7 +172,7 @@ def test_a_second_replay_of_the_same_data_publishes_no_alarm_twice(mosquitto, tm
     finally:
         watcher.close()
     assert len(watcher.alarms) == first
-    assert counters["alarms_duplicate"] == first and "alarms_active" not in counters
+    assert counters["alarms_duplicate"] == first and "alarms_raised" not in counters
     store = AlarmStore(tmp_path / "alarms.db")
     assert len(store.alarms()) == len({a["alarm_id"] for a in watcher.alarms})
     store.close()
@@ -186,3 +186,20 @@ def test_agent_rejects_a_bad_configuration_with_a_clear_message(tmp_path):
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "key 'assets'" in done.stderr and "non-empty list" in done.stderr
+
+
+def test_a_killed_agent_is_reported_offline_by_its_last_will(mosquitto, tmp_path,
+                                                             dodgers_bundle):
+    config = write_config(tmp_path, mosquitto.port, dodgers_bundle)
+    watcher = Watcher(mosquitto.port)
+    agent = start_agent(config, tmp_path)
+    try:
+        watcher.wait(lambda: watcher.status.get("state") == "online", 60)
+        agent.kill()
+        agent.wait(10)
+        # The broker publishes the will once it notices the dead connection.
+        watcher.wait(lambda: watcher.status.get("state") == "offline", 10)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        watcher.close()

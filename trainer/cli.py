@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     dodgers.add_argument("--snapshots-per-epoch", type=int, default=4096)
     dodgers.add_argument("--seed", type=int, default=1)
 
+    sub.add_parser("report", help="regenerate docs/results.md from results/*.json")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
@@ -42,4 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no Dodgers.data in {data}; pass --data FOLDER")
         task.run(data, args.out, args.results, args.epochs, args.snapshots_per_epoch,
                  args.seed, command)
+    elif args.command == "report":
+        from trainer.report import write_report
+
+        print(f"wrote {write_report()}")
     return 0
