@@ -54,7 +54,7 @@ class ChannelConfig:
 @dataclasses.dataclass(frozen=True)
 class AlarmConfig:
     threshold: float | None  # None: the bundle's suggested threshold
-    hysteresis: float
+    hysteresis: float | None  # None: the bundle's
     min_duration: float | None  # seconds of sample time; None: the bundle's
 
 
@@ -230,7 +230,8 @@ def _asset(v: _Validator, raw: Any, key: str) -> AssetConfig:
     alarm = AlarmConfig(
         threshold=(v.number(threshold, f"{key}.alarm.threshold", 0.0, 1.0)
                    if threshold is not None else None),
-        hysteresis=v.number(alarm_raw.get("hysteresis", 0.1), f"{key}.alarm.hysteresis", 0, 1),
+        hysteresis=(v.number(alarm_raw["hysteresis"], f"{key}.alarm.hysteresis", 0.0, 1.0)
+                    if alarm_raw.get("hysteresis") is not None else None),
         min_duration=(v.duration(alarm_raw["min_duration"], f"{key}.alarm.min_duration")
                       if alarm_raw.get("min_duration") is not None else None),
     )
@@ -255,12 +256,14 @@ def _asset(v: _Validator, raw: Any, key: str) -> AssetConfig:
 def _check_topics_unique(v: _Validator, assets: tuple[AssetConfig, ...]) -> None:
     seen: dict[str, str] = {}
     for asset in assets:
-        topics = [asset.topic] + [c.topic for c in asset.channels]
-        for topic in filter(None, topics):
-            owner = f"{asset.name}"
-            if topic in seen and seen[topic] != owner:
-                v.fail("assets", f"topic {topic!r} is used by assets {seen[topic]!r} and "
-                       f"{owner!r}; every topic belongs to one asset")
+        topics = [(asset.topic, f"{asset.name} (asset topic)")]
+        topics += [(c.topic, f"{asset.name}/{c.name}") for c in asset.channels]
+        for topic, owner in topics:
+            if topic is None:
+                continue
+            if topic in seen:
+                v.fail("assets", f"topic {topic!r} is used by {seen[topic]} and {owner}; "
+                       "every topic belongs to one asset topic or one channel")
             seen[topic] = owner
 
 

@@ -64,6 +64,8 @@ def decode_payload(payload: bytes, route: Route) -> Decoded:
         doc = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise PayloadError("malformed_json", str(exc)) from None
+    except RecursionError:
+        raise PayloadError("malformed_json", "nested too deeply") from None
 
     items = doc if isinstance(doc, list) else [doc]
     if not items:

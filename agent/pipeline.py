@@ -89,11 +89,11 @@ class AssetPipeline:
                 continue
             slot = window.slot(ts)
             if window.is_gap_restart(slot):
+                gap = (slot - window.head) * window.period
                 self._queue(out)
                 out = []
                 self._stop_stream(clear_alarms=True)
-                log.info("asset %s: gap of %.0f s, window restarted", self.name,
-                         (slot - window.head) * window.period)
+                log.info("asset %s: gap of %.0f s, window restarted", self.name, gap)
                 self.counters["window_restarts"] += 1
             reason = window.add(index, slot, value, out)
             if reason is None:
@@ -218,8 +218,11 @@ def settings_from_bundle(bundle: ModelBundle, name: str, channels: list[str] | N
     for key, value in overrides.items():
         if value is not None:
             setattr(settings, key, value)
-    if settings.max_lateness == 0.0 and "max_lateness" not in overrides:
+    if overrides.get("max_lateness") is None:
         settings.max_lateness = 2 * settings.sample_period
+    if settings.hop > settings.snapshot_length:
+        raise ValueError(f"asset {name!r}: hop {settings.hop} exceeds snapshot_length "
+                         f"{settings.snapshot_length}; some samples would never be scored")
     return settings
 
 

@@ -22,7 +22,7 @@ from agent.datasets import Series
 log = logging.getLogger(__name__)
 
 TICK = 0.05
-MAX_BATCH = 500
+MAX_BATCH = 500  # samples per message: far below the agent's 1 MB payload limit
 
 
 @dataclasses.dataclass
@@ -64,6 +64,8 @@ def replay(
     carry ``{"ts", "values": {channel: x}}``. Returns the counts once the broker has
     acknowledged every message (QoS 1).
     """
+    if not len(series.ts):
+        raise ValueError("nothing to replay: the series is empty")
     per_channel = payload == "channel" or (payload == "auto" and len(series.channels) == 1)
     if per_channel and len(series.channels) != 1:
         raise ValueError("channel payloads need a one-channel file; use --payload asset")
@@ -71,7 +73,11 @@ def replay(
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv311)
     client.max_inflight_messages_set(1000)
-    client.connect(host, port, keepalive=30)
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as exc:
+        raise OSError(f"cannot connect to the MQTT broker at {host}:{port}: "
+                      f"{exc.strerror or exc}") from None
     client.loop_start()
 
     n = len(series.ts)
@@ -88,7 +94,7 @@ def replay(
                     continue
             else:
                 due = n
-            due = min(due, sent_rows + MAX_BATCH)
+            due = min(due, sent_rows + max(1, MAX_BATCH // len(series.channels)))
             docs = _payloads(series, np.arange(sent_rows, due), per_channel)
             sent_rows = due
             if docs:
@@ -99,8 +105,11 @@ def replay(
             if progress and time.monotonic() - shown >= 1.0:
                 shown = time.monotonic()
                 _progress(sent_rows, n, samples, shown - wall0)
-        if last is not None:
-            last.wait_for_publish(timeout=60)
+        deadline = time.monotonic() + 60
+        while last is not None and not last.is_published():
+            if time.monotonic() > deadline:
+                raise OSError("the broker did not acknowledge every message within 60 s")
+            time.sleep(0.01)
     finally:
         client.disconnect()
         client.loop_stop()

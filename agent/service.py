@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DRAIN_BATCH = 512
 ACK_TIMEOUT = 10.0
 WARN_INTERVAL = 10.0
+MAX_FUTURE = 86_400.0  # samples further ahead of the wall clock are a broken sensor clock
 
 
 class StartupError(RuntimeError):
@@ -178,8 +179,9 @@ class AgentService:
         log.info("connected to the broker")
         if not self.stopping.is_set():
             client.subscribe([(topic, 1) for topic in self.routes])
-        client.publish(status_topic(self.config), json.dumps(self._status("online")), qos=1,
-                       retain=True)
+        # The network thread publishes no counters: the worker owns them (publish_status).
+        client.publish(status_topic(self.config),
+                       json.dumps(self._status("online", counters=False)), qos=1, retain=True)
         self.connected.set()
         self._acks.put(("resend", None))
 
@@ -201,14 +203,16 @@ class AgentService:
 
     def run(self) -> None:
         """Process messages until stop() is called; then drain, score what is left, exit."""
-        next_status = time.monotonic() + self.config.status_interval
-        while not self.stopping.is_set():
-            self._process_inbox(timeout=0.2)
-            self._handle_acks()
-            if time.monotonic() >= next_status:
-                self.publish_status()
-                next_status = time.monotonic() + self.config.status_interval
-        self._shutdown()
+        next_status = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                self._process_inbox(timeout=0.2)
+                self._handle_acks()
+                if time.monotonic() >= next_status:
+                    self.publish_status()
+                    next_status = time.monotonic() + self.config.status_interval
+        finally:
+            self._shutdown()
 
     def stop(self, *_args) -> None:
         """Ask the worker loop to stop (signal-safe)."""
@@ -225,8 +229,22 @@ class AgentService:
             except queue.Empty:
                 break
         for topic, payload in items:
-            self._ingest(topic, payload)
-        self._emit(self.pipeline.step())
+            try:
+                self._ingest(topic, payload)
+            except Exception:  # a bug must not stop the agent: count it, log it, go on
+                self.counters["errors.ingest"] += 1
+                log.exception("error while ingesting a message on %s; message dropped", topic)
+        self._emit(self._step())
+
+    def _step(self) -> list[AlarmEvent]:
+        try:
+            return self.pipeline.step()
+        except Exception:
+            self.counters["errors.inference"] += 1
+            log.exception("error while scoring snapshots; the pending snapshots are dropped")
+            for asset in self.pipeline.assets.values():
+                asset.pending.clear()
+            return []
 
     def _ingest(self, topic: str, payload: bytes) -> None:
         self.counters["messages_received"] += 1
@@ -241,7 +259,13 @@ class AgentService:
             return
         for reason in decoded.rejected:
             self._reject(reason, f"topic {topic}: a sample in a batch was rejected")
-        self.pipeline.assets[route.asset].add(decoded.samples)
+        samples = decoded.samples
+        horizon = time.time() + MAX_FUTURE
+        if any(ts > horizon for _, ts, _ in samples):
+            samples = [s for s in samples if s[1] <= horizon]
+            self._reject("future_timestamp", f"topic {topic}: a sample is more than "
+                         f"{MAX_FUTURE / 3600:.0f} h ahead of this machine's clock")
+        self.pipeline.assets[route.asset].add(samples)
 
     def _reject(self, reason: str, detail: str) -> None:
         self.counters[f"rejected.{reason}"] += 1
@@ -272,26 +296,27 @@ class AgentService:
             return  # stays pending; published again on the next connection
         with self._inflight_lock:
             info = self.client.publish(topic, payload, qos=1)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            # NO_CONN: paho keeps the message and sends it on reconnect; track it either way.
+            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self._inflight[info.mid] = outbox_id
 
-    def _handle_acks(self) -> None:
+    def _handle_acks(self, resend: bool = True) -> None:
         acked = []
-        resend = False
+        wants_resend = False
         while True:
             try:
                 kind, mid = self._acks.get_nowait()
             except queue.Empty:
                 break
             if kind == "resend":
-                resend = True
+                wants_resend = True
                 continue
             with self._inflight_lock:
                 outbox_id = self._inflight.pop(mid, None)
             if outbox_id is not None:
                 acked.append(outbox_id)
         self.store.mark_published(acked)
-        if resend:
+        if wants_resend and resend:
             self._resend_pending()
 
     def _resend_pending(self) -> None:
@@ -303,7 +328,7 @@ class AgentService:
 
     # Status and shutdown ------------------------------------------------------------------
 
-    def _status(self, state: str) -> dict:
+    def _status(self, state: str, counters: bool = True) -> dict:
         status = {
             "state": state,
             "client_id": self.config.broker.client_id,
@@ -312,7 +337,7 @@ class AgentService:
             "started": to_iso(self.started),
             "time": to_iso(time.time()),
         }
-        if state == "online" and self.pipeline is not None:
+        if state == "online" and counters and self.pipeline is not None:
             counters = dict(self.counters)
             counters.update(self.pipeline.counter_totals())
             status["counters"] = dict(sorted(counters.items()))
@@ -336,15 +361,22 @@ class AgentService:
             pass
         while not self.inbox.empty():
             self._process_inbox(timeout=0.0)
-        self._emit(self.pipeline.stop())
-        self._wait_for_acks()
-        self.publish_status()
-        info = self.client.publish(status_topic(self.config),
-                                   json.dumps(self._status("offline")), qos=1, retain=True)
+        try:
+            self._emit(self.pipeline.stop())
+        except Exception:
+            log.exception("error while scoring the buffered samples at shutdown")
         if self.connected.is_set():
-            info.wait_for_publish(timeout=5.0)
+            self._wait_for_acks()
+            self.publish_status()
+            info = self.client.publish(status_topic(self.config),
+                                       json.dumps(self._status("offline")), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=5.0)
+            except (RuntimeError, ValueError):
+                pass  # the connection dropped: the broker publishes the will instead
         self.client.disconnect()
         self.client.loop_stop()
+        self._handle_acks(resend=False)
         pending = self.store.pending_count()
         if pending:
             log.warning("%d alarm events not acknowledged by the broker; they are kept in %s "

@@ -7,6 +7,8 @@ import math
 
 # Epoch values above this are read as milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
 _MS_THRESHOLD = 1e11
+# Timestamps must fall between 1970 and 2200 once read (anything else is a broken clock).
+_LATEST = 7_258_118_400.0
 
 
 class TimestampError(ValueError):
@@ -25,7 +27,7 @@ def parse_timestamp(value: object) -> float:
         seconds = float(value)
         if not math.isfinite(seconds):
             raise TimestampError("timestamp is not finite")
-        return seconds / 1000.0 if abs(seconds) >= _MS_THRESHOLD else seconds
+        return _in_range(seconds / 1000.0 if abs(seconds) >= _MS_THRESHOLD else seconds)
     if isinstance(value, str):
         text = value.strip()
         if text.endswith(("Z", "z")):
@@ -36,8 +38,14 @@ def parse_timestamp(value: object) -> float:
             raise TimestampError(f"not ISO 8601: {value!r}") from exc
         if parsed.tzinfo is None:
             raise TimestampError(f"ISO timestamp without offset: {value!r} (add Z or +HH:MM)")
-        return parsed.timestamp()
+        return _in_range(parsed.timestamp())
     raise TimestampError(f"timestamp must be a number or an ISO 8601 string, not {value!r}")
+
+
+def _in_range(seconds: float) -> float:
+    if not 0.0 <= seconds < _LATEST:
+        raise TimestampError(f"timestamp {seconds:.0f} s is outside 1970 to 2200")
+    return seconds
 
 
 def to_iso(seconds: float) -> str:

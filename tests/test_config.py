@@ -114,7 +114,7 @@ def test_a_topic_belongs_to_one_asset():
     raw = minimal()
     second = dict(raw["assets"][0], name="pump2")
     raw["assets"].append(second)
-    assert "used by assets" in error_of(raw)
+    assert "is used by pump1/flow and pump2/flow" in error_of(raw)
 
 
 def test_asset_needs_topics():

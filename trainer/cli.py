@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     dodgers.add_argument("--results", type=Path, default=ROOT / "results" / "dodgers-unet.json")
     dodgers.add_argument("--epochs", type=int, default=12)
     dodgers.add_argument("--snapshots-per-epoch", type=int, default=4096)
-    dodgers.add_argument("--seed", type=int, default=1)
+    dodgers.add_argument("--seed", type=int, default=1, help="seed of the shipped bundle")
+    dodgers.add_argument("--spread-seeds", type=int, nargs="*", default=[2, 3],
+                         help="more seeds, trained and scored only for the run-to-run spread")
 
     sub.add_parser("report", help="regenerate docs/results.md from results/*.json")
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (data / "Dodgers.data").is_file():
             parser.error(f"no Dodgers.data in {data}; pass --data FOLDER")
         task.run(data, args.out, args.results, args.epochs, args.snapshots_per_epoch,
-                 args.seed, command)
+                 args.seed, command, tuple(args.spread_seeds))
     elif args.command == "report":
         from trainer.report import write_report
 

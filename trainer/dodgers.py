@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,7 +93,11 @@ def train_model(train: Series, mask: np.ndarray, normalizer: Normalizer, epochs:
     from trainer.losses import soft_dice_loss
     from trainer.unet import build_unet
 
+    import tensorflow as tf
+
+    # Same seed, same machine: same weights (at some cost in speed).
     keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(seed)
     model = build_unet(n_channels=1, n_classes=1, activation="sigmoid", name="dodgers_unet")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=soft_dice_loss)
@@ -119,26 +124,9 @@ def game_table(score: EventScore) -> list[dict]:
     ]
 
 
-def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epoch: int,
-        seed: int, command: str) -> dict:
-    started = time.perf_counter()
-    series, events, split = load(data_dir)
-    train, test = halves(series, split)
-    train_values = train.values[np.isfinite(train.values[:, 0])]
-    normalizer = Normalizer("fixed", center=train_values.mean(0), scale=train_values.std(0))
-    mask = event_mask(series.ts, [(e.window_start, e.window_end) for e in events])
-    train_mask = mask[: len(train.ts)]
-    n_train = len(events_with_data(events, train, train.ts[0], train.ts[-1] + 1))
-    print(f"Dodgers: {len(series.ts)} samples, train {len(train.ts)} ({n_train} games with "
-          f"data), test {len(test.ts)}", file=sys.stderr)
-
-    model, history = train_model(train, train_mask, normalizer, epochs, snapshots_per_epoch,
-                                 seed)
-    train_seconds = time.perf_counter() - started
-
-    real = random_snapshots(test.values, mask[len(train.ts):], 4,
-                            np.random.default_rng(seed + 1), normalizer)[0]
-    metadata = {
+def _metadata(normalizer: Normalizer, split: float, seed: int, epochs: int,
+              snapshots_per_epoch: int, final_loss: float, seconds: float, command: str):
+    return {
         "name": "dodgers-unet",
         "architecture": "unet",
         "channels": ["count"],
@@ -147,7 +135,7 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
         "normalization": {"mode": "fixed", "center": normalizer.center.tolist(),
                           "scale": normalizer.scale.tolist(), "clip": normalizer.clip},
         "sample_period": DODGERS_PERIOD,
-        "snapshot_length": 2048,
+        "snapshot_length": max(SNAPSHOT_LENGTHS),
         "hop": HOP,
         "threshold": 0.5,
         "hysteresis": 0.1,
@@ -157,11 +145,28 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
             "split": {"train_until": to_iso(split), "test_from": to_iso(split)},
             "label_window": "[game end - 30 min, game end + 90 min]",
             "seed": seed, "epochs": epochs, "snapshots_per_epoch": snapshots_per_epoch,
-            "snapshot_lengths": [1024, 4096], "loss": "soft dice", "optimizer": "adam 1e-3",
-            "final_loss": history[-1], "train_seconds": round(train_seconds, 1),
-            "command": command,
+            "snapshot_lengths": [1024, 4096], "augmentation": {
+                "scale_range": list(SCALE_RANGE), "jitter": JITTER},
+            "loss": "soft dice", "optimizer": "adam 1e-3", "final_loss": final_loss,
+            "train_seconds": round(seconds, 1), "command": command,
         },
     }
+
+
+def train_one(data: tuple, out: Path, epochs: int, snapshots_per_epoch: int, seed: int,
+              command: str) -> tuple[dict, EventScore, EventScore]:
+    """Train one seed, export its bundle to ``out``, pick its operating point on the training
+    half, and score both halves. Returns the bundle metadata and the two scores."""
+    series, events, split, train, test, mask = data
+    started = time.perf_counter()
+    train_values = train.values[np.isfinite(train.values[:, 0])]
+    normalizer = Normalizer("fixed", center=train_values.mean(0), scale=train_values.std(0))
+    model, history = train_model(train, mask[: len(train.ts)], normalizer, epochs,
+                                 snapshots_per_epoch, seed)
+    real = random_snapshots(test.values, mask[len(train.ts):], 4,
+                            np.random.default_rng(seed + 1), normalizer)[0]
+    metadata = _metadata(normalizer, split, seed, epochs, snapshots_per_epoch, history[-1],
+                         time.perf_counter() - started, command)
     export_bundle(model, out, metadata, real_inputs=real)
 
     choice = pick_operating_point(out, train, events)
@@ -174,6 +179,31 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
 
     train_score, _ = evaluate_stream(out, train, events)
     test_score, _ = evaluate_stream(out, test, events)
+    print(f"seed {seed}: test {test_score.line()}", file=sys.stderr)
+    return meta, train_score, test_score
+
+
+def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epoch: int,
+        seed: int, command: str, spread_seeds: tuple[int, ...] = ()) -> dict:
+    """Train the shipped seed into ``out``; other seeds only measure the run-to-run spread."""
+    started = time.perf_counter()
+    series, events, split = load(data_dir)
+    train, test = halves(series, split)
+    mask = event_mask(series.ts, [(e.window_start, e.window_end) for e in events])
+    data = (series, events, split, train, test, mask)
+    n_train = len(events_with_data(events, train, train.ts[0], train.ts[-1] + 1))
+    print(f"Dodgers: {len(series.ts)} samples, train {len(train.ts)} ({n_train} games with "
+          f"data), test {len(test.ts)}", file=sys.stderr)
+
+    meta, train_score, test_score = train_one(data, out, epochs, snapshots_per_epoch, seed,
+                                              command)
+    spread = [_seed_row(seed, meta, test_score)]
+    for other in spread_seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            other_meta, _, other_test = train_one(data, Path(tmp) / "bundle", epochs,
+                                                  snapshots_per_epoch, other, command)
+        spread.append(_seed_row(other, other_meta, other_test))
+
     report = {
         "experiment": "dodgers-unet",
         "command": command,
@@ -192,6 +222,7 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
                  "false_alarm_spans": [[to_iso(a), to_iso(b)]
                                        for a, b in test_score.false_alarms],
                  "games": game_table(test_score)},
+        "seeds": spread if spread_seeds else [],
         "paper": {"detected": 36, "events": 39},
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -199,3 +230,9 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
     results.write_text(json.dumps(report, indent=2) + "\n")
     print(test_score.line(), file=sys.stderr)
     return report
+
+
+def _seed_row(seed: int, meta: dict, score: EventScore) -> dict:
+    return {"seed": seed, "detected": score.detected, "events": len(score.events),
+            "false_alarms": len(score.false_alarms), "model_id": meta["model_id"],
+            "snapshot_length": meta["snapshot_length"], "threshold": meta["threshold"]}
