@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     dodgers.add_argument("--seed", type=int, default=1, help="seed of the shipped bundle")
     dodgers.add_argument("--spread-seeds", type=int, nargs="*", default=[2, 3],
                          help="more seeds, trained and scored only for the run-to-run spread")
+    dodgers.add_argument("--augment", action="store_true",
+                         help="random amplitude scaling and jitter of training snapshots")
 
     sub.add_parser("report", help="regenerate docs/results.md from results/*.json")
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (data / "Dodgers.data").is_file():
             parser.error(f"no Dodgers.data in {data}; pass --data FOLDER")
         task.run(data, args.out, args.results, args.epochs, args.snapshots_per_epoch,
-                 args.seed, command, tuple(args.spread_seeds))
+                 args.seed, command, tuple(args.spread_seeds), args.augment)
     elif args.command == "report":
         from trainer.report import write_report
 

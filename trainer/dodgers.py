@@ -87,7 +87,7 @@ def pick_operating_point(bundle_dir: Path, train: Series, events) -> dict:
 
 def train_model(train: Series, mask: np.ndarray, normalizer: Normalizer, epochs: int,
                 snapshots_per_epoch: int, seed: int, batch_size: int = 32,
-                augment: bool = True):
+                augment: bool = False):
     import keras
 
     from trainer.losses import soft_dice_loss
@@ -125,7 +125,8 @@ def game_table(score: EventScore) -> list[dict]:
 
 
 def _metadata(normalizer: Normalizer, split: float, seed: int, epochs: int,
-              snapshots_per_epoch: int, final_loss: float, seconds: float, command: str):
+              snapshots_per_epoch: int, final_loss: float, seconds: float, command: str,
+              augment: bool):
     return {
         "name": "dodgers-unet",
         "architecture": "unet",
@@ -145,8 +146,9 @@ def _metadata(normalizer: Normalizer, split: float, seed: int, epochs: int,
             "split": {"train_until": to_iso(split), "test_from": to_iso(split)},
             "label_window": "[game end - 30 min, game end + 90 min]",
             "seed": seed, "epochs": epochs, "snapshots_per_epoch": snapshots_per_epoch,
-            "snapshot_lengths": [1024, 4096], "augmentation": {
-                "scale_range": list(SCALE_RANGE), "jitter": JITTER},
+            "snapshot_lengths": [1024, 4096],
+            "augmentation": ({"scale_range": list(SCALE_RANGE), "jitter": JITTER}
+                             if augment else None),
             "loss": "soft dice", "optimizer": "adam 1e-3", "final_loss": final_loss,
             "train_seconds": round(seconds, 1), "command": command,
         },
@@ -154,7 +156,7 @@ def _metadata(normalizer: Normalizer, split: float, seed: int, epochs: int,
 
 
 def train_one(data: tuple, out: Path, epochs: int, snapshots_per_epoch: int, seed: int,
-              command: str) -> tuple[dict, EventScore, EventScore]:
+              command: str, augment: bool = False) -> tuple[dict, EventScore, EventScore]:
     """Train one seed, export its bundle to ``out``, pick its operating point on the training
     half, and score both halves. Returns the bundle metadata and the two scores."""
     series, events, split, train, test, mask = data
@@ -162,11 +164,11 @@ def train_one(data: tuple, out: Path, epochs: int, snapshots_per_epoch: int, see
     train_values = train.values[np.isfinite(train.values[:, 0])]
     normalizer = Normalizer("fixed", center=train_values.mean(0), scale=train_values.std(0))
     model, history = train_model(train, mask[: len(train.ts)], normalizer, epochs,
-                                 snapshots_per_epoch, seed)
+                                 snapshots_per_epoch, seed, augment=augment)
     real = random_snapshots(test.values, mask[len(train.ts):], 4,
                             np.random.default_rng(seed + 1), normalizer)[0]
     metadata = _metadata(normalizer, split, seed, epochs, snapshots_per_epoch, history[-1],
-                         time.perf_counter() - started, command)
+                         time.perf_counter() - started, command, augment)
     export_bundle(model, out, metadata, real_inputs=real)
 
     choice = pick_operating_point(out, train, events)
@@ -184,7 +186,8 @@ def train_one(data: tuple, out: Path, epochs: int, snapshots_per_epoch: int, see
 
 
 def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epoch: int,
-        seed: int, command: str, spread_seeds: tuple[int, ...] = ()) -> dict:
+        seed: int, command: str, spread_seeds: tuple[int, ...] = (),
+        augment: bool = False) -> dict:
     """Train the shipped seed into ``out``; other seeds only measure the run-to-run spread."""
     started = time.perf_counter()
     series, events, split = load(data_dir)
@@ -196,12 +199,12 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
           f"data), test {len(test.ts)}", file=sys.stderr)
 
     meta, train_score, test_score = train_one(data, out, epochs, snapshots_per_epoch, seed,
-                                              command)
+                                              command, augment)
     spread = [_seed_row(seed, meta, test_score)]
     for other in spread_seeds:
         with tempfile.TemporaryDirectory() as tmp:
             other_meta, _, other_test = train_one(data, Path(tmp) / "bundle", epochs,
-                                                  snapshots_per_epoch, other, command)
+                                                  snapshots_per_epoch, other, command, augment)
         spread.append(_seed_row(other, other_meta, other_test))
 
     report = {
