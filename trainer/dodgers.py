@@ -190,6 +190,7 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
         augment: bool = False) -> dict:
     """Train the shipped seed into ``out``; other seeds only measure the run-to-run spread."""
     started = time.perf_counter()
+    version = code_version()  # before this run rewrites the tracked bundle
     series, events, split = load(data_dir)
     train, test = halves(series, split)
     mask = event_mask(series.ts, [(e.window_start, e.window_end) for e in events])
@@ -210,7 +211,7 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
     report = {
         "experiment": "dodgers-unet",
         "command": command,
-        "code_version": code_version(),
+        "code_version": version,
         "seed": seed,
         "split": {"train": [to_iso(train.ts[0]), to_iso(train.ts[-1])],
                   "test": [to_iso(test.ts[0]), to_iso(test.ts[-1])]},
