@@ -66,47 +66,84 @@ def evaluate_stream(bundle_dir: Path, series: Series, events, **overrides) -> tu
     return score_events(spans, scored), alarms
 
 
-def pick_operating_point(bundle_dir: Path, train: Series, events) -> dict:
-    """Snapshot length and threshold that maximise detected games minus false alarms on the
-    training half (the test half is never looked at)."""
-    best = None
-    trials = []
-    for length in SNAPSHOT_LENGTHS:
-        for threshold in THRESHOLDS:
-            score, _ = evaluate_stream(bundle_dir, train, events, snapshot_length=length,
-                                       threshold=threshold)
-            # Ties go to the threshold nearest 0.5, then to the longer snapshot.
-            merit = (score.detected - len(score.false_alarms), -abs(threshold - 0.5), length)
-            trials.append({"snapshot_length": length, "threshold": threshold,
-                           "detected": score.detected, "events": len(score.events),
-                           "false_alarms": len(score.false_alarms)})
-            if best is None or merit > best[0]:
-                best = (merit, length, threshold)
-    return {"snapshot_length": best[1], "threshold": best[2], "trials": trials}
+def cross_validated_operating_point(data: tuple, epochs: int, snapshots_per_epoch: int,
+                                    seed: int, folds: int = 3) -> dict:
+    """Snapshot length and threshold chosen on the training half only, by cross-validation.
+
+    The training half is cut into ``folds`` blocks of time; for each, a model trained on the
+    other blocks scores it through the agent's pipeline at every candidate snapshot length
+    and threshold. The candidate with the most games detected minus false alarms over the
+    folds wins (ties: the threshold nearest 0.5, then the longer snapshot). A model never
+    scores data it was trained on, so the choice reflects unseen games; the test half is
+    never used.
+    """
+    series, events, split, train, test, mask = data
+    edges = np.linspace(0, len(train.ts), folds + 1).astype(int)
+    totals: dict[tuple[int, float], list[int]] = {}
+    for k in range(folds):
+        held = slice(edges[k], edges[k + 1])
+        blocks = [(train.values[edges[i]:edges[i + 1]], mask[edges[i]:edges[i + 1]])
+                  for i in range(folds) if i != k]
+        normalizer = _fixed_normalizer(np.concatenate([v for v, _ in blocks]))
+        print(f"operating point: fold {k + 1}/{folds}", file=sys.stderr, flush=True)
+        model, history = train_model(blocks, normalizer, epochs, snapshots_per_epoch, seed + k)
+        held_series = Series(train.ts[held], train.values[held], train.channels, train.period)
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = export_bundle(model, Path(tmp) / "fold", _metadata(
+                normalizer, split, seed + k, epochs, snapshots_per_epoch, history[-1], 0.0,
+                "cross-validation fold", False))
+            for length in SNAPSHOT_LENGTHS:
+                for threshold in THRESHOLDS:
+                    score, _ = evaluate_stream(bundle, held_series, events,
+                                               snapshot_length=length, threshold=threshold)
+                    total = totals.setdefault((length, threshold), [0, 0, 0])
+                    total[0] += score.detected
+                    total[1] += len(score.events)
+                    total[2] += len(score.false_alarms)
+
+    trials = [{"snapshot_length": length, "threshold": threshold, "detected": d,
+               "events": n, "false_alarms": f}
+              for (length, threshold), (d, n, f) in sorted(totals.items())]
+    best = max(trials, key=lambda t: (t["detected"] - t["false_alarms"],
+                                      -abs(t["threshold"] - 0.5), t["snapshot_length"]))
+    return {"snapshot_length": best["snapshot_length"], "threshold": best["threshold"],
+            "folds": folds, "trials": trials}
 
 
-def train_model(train: Series, mask: np.ndarray, normalizer: Normalizer, epochs: int,
-                snapshots_per_epoch: int, seed: int, batch_size: int = 32,
+def _fixed_normalizer(values: np.ndarray) -> Normalizer:
+    valid = values[np.isfinite(values).all(axis=1)]
+    return Normalizer("fixed", center=valid.mean(0), scale=valid.std(0))
+
+
+def train_model(blocks: list[tuple[np.ndarray, np.ndarray]], normalizer: Normalizer,
+                epochs: int, snapshots_per_epoch: int, seed: int, batch_size: int = 32,
                 augment: bool = False):
+    """Train the U-Net on random snapshots drawn from ``blocks`` of (values, mask), each
+    block contributing in proportion to its length (no snapshot spans two blocks)."""
     import keras
+    import tensorflow as tf
 
     from trainer.losses import soft_dice_loss
     from trainer.unet import build_unet
 
-    import tensorflow as tf
-
-    # Same seed, same machine: same weights (at some cost in speed).
+    # Same seed, same machine: same weights.
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(seed)
     model = build_unet(n_channels=1, n_classes=1, activation="sigmoid", name="dodgers_unet")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=soft_dice_loss)
+    lengths = np.array([len(values) for values, _ in blocks], dtype=float)
+    counts = np.floor(snapshots_per_epoch * lengths / lengths.sum()).astype(int)
+    counts[0] += snapshots_per_epoch - counts.sum()
     history = []
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
-        x, y = random_snapshots(train.values, mask, snapshots_per_epoch, rng, normalizer,
-                                scale_range=SCALE_RANGE if augment else (1.0, 1.0),
-                                jitter=JITTER if augment else 0.0)
+        parts = [random_snapshots(values, block_mask, count, rng, normalizer,
+                                  scale_range=SCALE_RANGE if augment else (1.0, 1.0),
+                                  jitter=JITTER if augment else 0.0)
+                 for (values, block_mask), count in zip(blocks, counts)]
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
         result = model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
         loss = float(result.history["loss"][-1])
         history.append(loss)
@@ -156,31 +193,27 @@ def _metadata(normalizer: Normalizer, split: float, seed: int, epochs: int,
 
 
 def train_one(data: tuple, out: Path, epochs: int, snapshots_per_epoch: int, seed: int,
-              command: str, augment: bool = False) -> tuple[dict, EventScore, EventScore]:
-    """Train one seed, export its bundle to ``out``, pick its operating point on the training
-    half, and score both halves. Returns the bundle metadata and the two scores."""
+              command: str, operating_point: dict,
+              augment: bool = False) -> tuple[dict, EventScore, EventScore]:
+    """Train one seed on the whole training half, export its bundle to ``out`` with the
+    operating point, and score both halves. Returns the bundle metadata and the scores."""
     series, events, split, train, test, mask = data
     started = time.perf_counter()
-    train_values = train.values[np.isfinite(train.values[:, 0])]
-    normalizer = Normalizer("fixed", center=train_values.mean(0), scale=train_values.std(0))
-    model, history = train_model(train, mask[: len(train.ts)], normalizer, epochs,
+    normalizer = _fixed_normalizer(train.values)
+    model, history = train_model([(train.values, mask[: len(train.ts)])], normalizer, epochs,
                                  snapshots_per_epoch, seed, augment=augment)
     real = random_snapshots(test.values, mask[len(train.ts):], 4,
                             np.random.default_rng(seed + 1), normalizer)[0]
     metadata = _metadata(normalizer, split, seed, epochs, snapshots_per_epoch, history[-1],
                          time.perf_counter() - started, command, augment)
+    metadata["snapshot_length"] = operating_point["snapshot_length"]
+    metadata["threshold"] = operating_point["threshold"]
+    metadata["training"]["operating_point"] = operating_point
     export_bundle(model, out, metadata, real_inputs=real)
-
-    choice = pick_operating_point(out, train, events)
-    meta_path = out / "bundle.json"
-    meta = json.loads(meta_path.read_text())
-    meta["snapshot_length"] = choice["snapshot_length"]
-    meta["threshold"] = choice["threshold"]
-    meta["training"]["operating_point_trials"] = choice["trials"]
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
     train_score, _ = evaluate_stream(out, train, events)
     test_score, _ = evaluate_stream(out, test, events)
+    meta = json.loads((out / "bundle.json").read_text())
     print(f"seed {seed}: test {test_score.line()}", file=sys.stderr)
     return meta, train_score, test_score
 
@@ -199,13 +232,17 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
     print(f"Dodgers: {len(series.ts)} samples, train {len(train.ts)} ({n_train} games with "
           f"data), test {len(test.ts)}", file=sys.stderr)
 
+    point = cross_validated_operating_point(data, epochs, snapshots_per_epoch, seed)
+    print(f"operating point: snapshot {point['snapshot_length']}, threshold "
+          f"{point['threshold']}", file=sys.stderr)
     meta, train_score, test_score = train_one(data, out, epochs, snapshots_per_epoch, seed,
-                                              command, augment)
+                                              command, point, augment)
     spread = [_seed_row(seed, meta, test_score)]
     for other in spread_seeds:
         with tempfile.TemporaryDirectory() as tmp:
             other_meta, _, other_test = train_one(data, Path(tmp) / "bundle", epochs,
-                                                  snapshots_per_epoch, other, command, augment)
+                                                  snapshots_per_epoch, other, command, point,
+                                                  augment)
         spread.append(_seed_row(other, other_meta, other_test))
 
     report = {
@@ -218,6 +255,7 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
         "model_id": meta["model_id"],
         "operating_point": {k: meta[k] for k in ("snapshot_length", "hop", "threshold",
                                                  "min_duration")},
+        "operating_point_cross_validation": point,
         "train": {"detected": train_score.detected, "events": len(train_score.events),
                   "false_alarms": len(train_score.false_alarms)},
         "test": {"detected": test_score.detected, "events": len(test_score.events),
