@@ -42,6 +42,17 @@ def _dodgers(result: dict) -> list[str]:
             lines.append(f"| {seed['seed']} | {seed['detected']} of {seed['events']} | "
                          f"{seed['false_alarms']} |")
         lines.append("")
+    cv = result.get("operating_point_cross_validation")
+    if cv:
+        lines += [f"Operating point by {cv['folds']}-fold cross-validation on the training half "
+                  "(games detected and false alarms over the held-out folds):", "",
+                  "| snapshot | threshold | detected | false alarms |", "|---|---|---|---|"]
+        for t in cv["trials"]:
+            chosen = (t["snapshot_length"], t["threshold"]) == (cv["snapshot_length"],
+                                                                cv["threshold"])
+            lines.append(f"| {t['snapshot_length']} | {t['threshold']} | {t['detected']} of "
+                         f"{t['events']} | {t['false_alarms']}{' (chosen)' if chosen else ''} |")
+        lines.append("")
     lines += ["Game by game (test half; label window in UTC):", "",
               "| game | label window | detected |", "|---|---|---|"]
     for game in test["games"]:
