@@ -166,8 +166,8 @@ def run_demo(data_dir: Path = DEFAULT_DATA, database: Path = Path("demo.db"),
                    str(config_path)]
         agent = subprocess.Popen(command, env=_child_env())
         try:
-            watcher.wait(lambda: watcher.status.get("state") == "online" or agent.poll()
-                         is not None, 120, "the agent to come online")
+            watcher.wait(lambda: "models" in watcher.status or agent.poll() is not None, 120,
+                         "the agent to come online")
             if agent.poll() is not None:
                 print("demo: the agent exited at start; see its log above", file=sys.stderr)
                 return 1
