@@ -103,6 +103,33 @@ _REQUIRED = {
 }
 
 
+def _check_values(metadata: dict, meta_path: Path) -> None:
+    """Values that would load but make the agent silently wrong."""
+    def fail(message: str):
+        raise BundleError(f"{meta_path}: {message}")
+
+    if not metadata["channels"] or not metadata["classes"]:
+        fail("'channels' and 'classes' must not be empty")
+    if not 0.0 <= metadata["threshold"] <= 1.0:
+        fail(f"threshold {metadata['threshold']} is outside 0 to 1")
+    if not 1 <= metadata["hop"] <= metadata["snapshot_length"]:
+        fail(f"hop {metadata['hop']} must be between 1 and snapshot_length "
+             f"{metadata['snapshot_length']}")
+    if metadata["model_length"] < 16:
+        fail(f"model_length {metadata['model_length']} is too short")
+    norm = metadata["normalization"]
+    if norm.get("mode") not in ("fixed", "snapshot"):
+        fail("normalization.mode must be 'fixed' or 'snapshot'")
+    if norm["mode"] == "fixed":
+        n = len(metadata["channels"])
+        center, scale = norm.get("center", []), norm.get("scale", [])
+        if len(center) != n or len(scale) != n:
+            fail(f"fixed normalization needs a center and a scale per channel ({n})")
+        if not all(isinstance(x, (int, float)) and np.isfinite(x) for x in center) or \
+                not all(isinstance(x, (int, float)) and np.isfinite(x) and x > 0 for x in scale):
+            fail("normalization center must be finite numbers and scale positive numbers")
+
+
 def load_bundle(path: str | Path) -> ModelBundle:
     """Read a bundle folder, check its fields and the sha256 of each of its files."""
     path = Path(path)
@@ -122,12 +149,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
                           f"{FORMAT!r}")
     if metadata["activation"] not in ("sigmoid", "softmax"):
         raise BundleError(f"{meta_path}: activation must be sigmoid or softmax")
-    norm = metadata["normalization"]
-    if norm.get("mode") == "fixed":
-        n = len(metadata["channels"])
-        if len(norm.get("center", [])) != n or len(norm.get("scale", [])) != n:
-            raise BundleError(f"{meta_path}: fixed normalization needs a center and a scale "
-                              f"per channel ({n})")
+    _check_values(metadata, meta_path)
 
     for name in (MODEL_FILE, REFERENCE_FILE):
         expected = metadata["files"].get(name)

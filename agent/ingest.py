@@ -45,7 +45,7 @@ class Decoded:
     """Samples from one payload, and the reasons of the samples rejected inside it."""
 
     samples: list[tuple[str, float, float]]  # (channel, ts, value)
-    rejected: list[str]
+    rejected: list[tuple[str, str]]  # (reason, detail)
 
 
 def _reject_constant(token: str):
@@ -77,7 +77,7 @@ def decode_payload(payload: bytes, route: Route) -> Decoded:
         except PayloadError as exc:
             if not isinstance(doc, list):
                 raise
-            decoded.rejected.append(exc.reason)
+            decoded.rejected.append((exc.reason, exc.detail))
     return decoded
 
 
@@ -102,7 +102,7 @@ def _decode_item(item: object, route: Route, out: list) -> None:
         raise PayloadError("malformed_sample", "an asset topic needs 'values': {channel: x}")
     unknown = [name for name in values if name not in route.channels]
     if unknown:
-        raise PayloadError("unknown_channel", f"{unknown[0]!r} is not a channel of "
+        raise PayloadError("unknown_channel", f"{_short(unknown[0])} is not a channel of "
                            f"{route.asset!r}")
     for name, value in values.items():
         out.append((name, ts, _number(value)))
@@ -110,8 +110,13 @@ def _decode_item(item: object, route: Route, out: list) -> None:
 
 def _number(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PayloadError("not_a_number", f"value {value!r} is not a number")
+        raise PayloadError("not_a_number", f"value {_short(value)} is not a number")
     value = float(value)
     if not math.isfinite(value):
         raise PayloadError("non_finite", "value is not finite")
     return value
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

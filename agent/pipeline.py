@@ -78,29 +78,42 @@ class AssetPipeline:
         ]
         self.pending: list[_Pending] = []
         self.counters: collections.Counter = collections.Counter()
+        self._late_run = 0  # consecutive late samples
 
-    def add(self, samples) -> None:
-        """Place samples ``(channel, ts, value)`` on the grid; count rejections."""
+    def add(self, samples) -> collections.Counter:
+        """Place samples ``(channel, ts, value)`` on the grid; return rejections by reason.
+
+        A run of late samples longer than a snapshot means the sensor's clock stepped back
+        (or one sample came from the future): the window restarts on the new time base.
+        """
         window, out = self.window, []
+        rejected: collections.Counter = collections.Counter()
         for channel, ts, value in samples:
             index = self.channel_index.get(channel)
             if index is None:
-                self.counters["rejected.unknown_channel"] += 1
+                rejected["unknown_channel"] += 1
                 continue
             slot = window.slot(ts)
-            if window.is_gap_restart(slot):
-                gap = (slot - window.head) * window.period
+            if window.is_gap_restart(slot) or self._late_run >= self.settings.snapshot_length:
+                reason = "gap" if self._late_run == 0 else "clock stepped back"
                 self._queue(out)
                 out = []
                 self._stop_stream(clear_alarms=True)
-                log.info("asset %s: gap of %.0f s, window restarted", self.name, gap)
+                self._late_run = 0
+                log.info("asset %s: window restarted (%s)", self.name, reason)
                 self.counters["window_restarts"] += 1
             reason = window.add(index, slot, value, out)
             if reason is None:
                 self.counters["samples_accepted"] += 1
+                self._late_run = 0
             else:
-                self.counters[f"rejected.{reason}"] += 1
+                rejected[reason] += 1
+                if reason == "late":
+                    self._late_run += 1
         self._queue(out)
+        for reason, count in rejected.items():
+            self.counters[f"rejected.{reason}"] += count
+        return rejected
 
     def stop(self) -> None:
         """The stream stops (shutdown): cut and queue what is left; alarms stay as they are."""

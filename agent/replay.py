@@ -73,6 +73,7 @@ def replay(
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv311)
     client.max_inflight_messages_set(1000)
+    client.reconnect_delay_set(0.2, 2)
     try:
         client.connect(host, port, keepalive=30)
     except OSError as exc:
@@ -100,6 +101,8 @@ def replay(
             if docs:
                 body = json.dumps(docs[0] if len(docs) == 1 else docs, separators=(",", ":"))
                 last = client.publish(topic, body, qos=qos)
+                if last.rc == mqtt.MQTT_ERR_NO_CONN:
+                    _wait_for_reconnect(client, host, port, samples)
                 messages += 1
                 samples += len(docs)
             if progress and time.monotonic() - shown >= 1.0:
@@ -117,6 +120,18 @@ def replay(
     if progress:
         _progress(n, n, samples, seconds, end=True)
     return ReplayResult(samples, messages, seconds)
+
+
+def _wait_for_reconnect(client, host: str, port: int, samples: int,
+                        timeout: float = 30.0) -> None:
+    """The broker went away: paho queues what is published and reconnects by itself; give
+    up if it does not come back within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not client.is_connected():
+        if time.monotonic() > deadline:
+            raise OSError(f"lost the broker at {host}:{port} after {samples:,} samples and it "
+                          f"did not come back within {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def _progress(done: int, total: int, samples: int, seconds: float, end: bool = False) -> None:

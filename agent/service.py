@@ -34,7 +34,7 @@ from agent.config import AgentConfig, AssetConfig
 from agent.inference import load_backend
 from agent.ingest import PayloadError, Route, decode_payload
 from agent.pipeline import AssetPipeline, Pipeline, settings_from_bundle
-from agent.store import AlarmStore
+from agent.store import AlarmStore, alarm_payload
 from agent.timeutil import to_iso
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 DRAIN_BATCH = 512
 ACK_TIMEOUT = 10.0
 WARN_INTERVAL = 10.0
+_GRID_REASONS = {
+    "late": "arrived after the snapshot covering them was cut (max_lateness)",
+    "duplicate": "repeat a slot that already has a sample",
+    "unknown_channel": "name a channel the asset does not have",
+}
 MAX_FUTURE = 86_400.0  # samples further ahead of the wall clock are a broken sensor clock
 
 
@@ -71,6 +76,18 @@ def build_pipeline(config: AgentConfig, backend_kind: str = "auto") -> Pipeline:
     return Pipeline(assets)
 
 
+def open_store(path) -> AlarmStore:
+    """Open the alarm database, or say what is wrong with the path."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return AlarmStore(path)
+    except (OSError, SQLAlchemyError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        raise StartupError(f"database {path}: cannot open it as SQLite: {reason}; check the "
+                           "'database' key and the folder's permissions") from None
+
+
 def _settings(asset: AssetConfig, bundle):
     channels = [c.name for c in asset.channels]
     if len(channels) != len(bundle.channels):
@@ -78,9 +95,21 @@ def _settings(asset: AssetConfig, bundle):
             f"asset {asset.name!r} has {len(channels)} channels but its model "
             f"{bundle.model_id} takes {len(bundle.channels)} ({', '.join(bundle.channels)})"
         )
+    bundle_period = bundle.metadata.get("sample_period")
+    if bundle_period and abs(float(bundle_period) - asset.sample_period) > 1e-9:
+        log.warning("asset %s: sample_period %g s differs from the %g s the model %s was "
+                    "trained on; snapshots cover a different time span", asset.name,
+                    asset.sample_period, float(bundle_period), bundle.model_id)
     if channels != bundle.channels:
         log.info("asset %s: channels %s feed model inputs %s in that order", asset.name,
                  channels, bundle.channels)
+    try:
+        return _asset_settings(asset, bundle, channels)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _asset_settings(asset: AssetConfig, bundle, channels):
     return settings_from_bundle(
         bundle, asset.name, channels,
         sample_period=asset.sample_period,
@@ -134,7 +163,7 @@ class AgentService:
     def start(self) -> None:
         """Load models, open the store, connect to the broker."""
         self.pipeline = build_pipeline(self.config, self.backend_kind)
-        self.store = AlarmStore(self.config.database)
+        self.store = open_store(self.config.database)
         self.client = self._make_client()
         broker = self.config.broker
         log.info("connecting to %s:%d as %s", broker.host, broker.port, broker.client_id)
@@ -165,6 +194,7 @@ class AgentService:
             )
             client.tls_insecure_set(tls.insecure)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -185,6 +215,11 @@ class AgentService:
         self.connected.set()
         self._acks.put(("resend", None))
 
+    def _on_connect_fail(self, _client, _userdata) -> None:
+        broker = self.config.broker
+        self._reject_log("connect_failed", f"cannot reach the broker at {broker.host}:"
+                         f"{broker.port}; retrying (check broker.host and broker.port)")
+
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         self.connected.clear()
         if not self.stopping.is_set():
@@ -194,7 +229,8 @@ class AgentService:
         try:
             self.inbox.put_nowait((message.topic, message.payload))
         except queue.Full:
-            self.counters["rejected.queue_full"] += 1
+            self._reject("queue_full", f"topic {message.topic}: the worker is behind; "
+                         f"{self.config.queue_size} messages are waiting (inference.queue_size)")
 
     def _on_publish(self, _client, _userdata, mid, _reason_code, _properties) -> None:
         self._acks.put(("ack", mid))
@@ -257,26 +293,34 @@ class AgentService:
         except PayloadError as exc:
             self._reject(exc.reason, f"topic {topic}: {exc.detail}")
             return
-        for reason in decoded.rejected:
-            self._reject(reason, f"topic {topic}: a sample in a batch was rejected")
+        for reason, detail in decoded.rejected:
+            self._reject(reason, f"topic {topic}: a sample in a batch: {detail}")
         samples = decoded.samples
         horizon = time.time() + MAX_FUTURE
         if any(ts > horizon for _, ts, _ in samples):
             samples = [s for s in samples if s[1] <= horizon]
             self._reject("future_timestamp", f"topic {topic}: a sample is more than "
                          f"{MAX_FUTURE / 3600:.0f} h ahead of this machine's clock")
-        self.pipeline.assets[route.asset].add(samples)
+        rejected = self.pipeline.assets[route.asset].add(samples)
+        for reason, count in rejected.items():
+            self._reject(reason, f"topic {topic}: {count} sample(s) {_GRID_REASONS[reason]}",
+                         count=count, counted=True)
 
-    def _reject(self, reason: str, detail: str) -> None:
-        self.counters[f"rejected.{reason}"] += 1
+    def _reject(self, reason: str, detail: str, count: int = 1, counted: bool = False) -> None:
+        """Count a rejection (unless the pipeline counted it) and log it, rate-limited."""
+        if not counted:
+            self.counters[f"rejected.{reason}"] += count
+        self._reject_log(reason, detail, count)
+
+    def _reject_log(self, reason: str, detail: str, count: int = 1) -> None:
         now = time.monotonic()
         if now - self._last_warning.get(reason, -1e9) >= WARN_INTERVAL:
             more = self._suppressed.pop(reason, 0)
             tail = f" ({more} more since the last warning)" if more else ""
-            log.warning("rejected (%s): %s%s", reason, detail, tail)
+            log.warning("rejected (%s): %s%s", reason, detail[:300], tail)
             self._last_warning[reason] = now
         else:
-            self._suppressed[reason] += 1
+            self._suppressed[reason] += count
 
     def _emit(self, events: list[AlarmEvent]) -> None:
         for event in events:
@@ -286,10 +330,14 @@ class AgentService:
                 self.counters["alarms_duplicate"] += 1
                 continue
             self.counters["alarms_raised" if event.state == "active" else "alarms_cleared"] += 1
-            log.info("alarm %s %s/%s %s from %s (peak %.2f)", event.alarm_id[:8], event.asset,
-                     event.class_name, "raised" if event.state == "active" else "cleared",
-                     to_iso(event.start), event.peak_score)
-            self._publish_outbox(outbox_id, topic, json.dumps(event.to_message()))
+            if event.state == "active":
+                log.info("alarm %s raised: %s/%s since %s (score %.2f)", event.alarm_id[:8],
+                         event.asset, event.class_name, to_iso(event.start), event.peak_score)
+            else:
+                log.info("alarm %s cleared: %s/%s from %s to %s (peak %.2f)",
+                         event.alarm_id[:8], event.asset, event.class_name,
+                         to_iso(event.start), to_iso(event.end), event.peak_score)
+            self._publish_outbox(outbox_id, topic, alarm_payload(event))
 
     def _publish_outbox(self, outbox_id: int, topic: str, payload: str) -> None:
         if not self.connected.is_set():
@@ -337,7 +385,7 @@ class AgentService:
             "started": to_iso(self.started),
             "time": to_iso(time.time()),
         }
-        if state == "online" and counters and self.pipeline is not None:
+        if counters and self.pipeline is not None:
             counters = dict(self.counters)
             counters.update(self.pipeline.counter_totals())
             status["counters"] = dict(sorted(counters.items()))
@@ -398,7 +446,14 @@ def run_agent(config: AgentConfig, backend: str = "auto") -> int:
     """Run until SIGTERM or SIGINT; exit status 0 after a clean drain."""
     service = AgentService(config, backend)
     service.start()
-    signal.signal(signal.SIGTERM, service.stop)
-    signal.signal(signal.SIGINT, service.stop)
+
+    def stop(_signum, _frame):
+        # A second signal during the drain is ignored: the drain finishes and exits 0.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        service.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     service.run()
     return 0

@@ -64,6 +64,11 @@ class AlarmEventRow(Base):
     published_at: Mapped[str | None] = mapped_column(String(32), index=True)
 
 
+def alarm_payload(alarm: AlarmEvent) -> str:
+    """The JSON published for an alarm event, byte for byte as stored in the outbox."""
+    return json.dumps(alarm.to_message(), separators=(",", ":"))
+
+
 def _now() -> str:
     return to_iso(dt.datetime.now(dt.timezone.utc).timestamp())
 
@@ -80,7 +85,7 @@ class AlarmStore:
 
     def record(self, alarm: AlarmEvent, topic: str) -> int | None:
         """Commit an alarm event and return its outbox id; None if it was stored already."""
-        payload = json.dumps(alarm.to_message(), separators=(",", ":"))
+        payload = alarm_payload(alarm)
         now = _now()
         with Session(self.engine) as session:
             row = session.get(AlarmRow, alarm.alarm_id)

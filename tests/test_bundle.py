@@ -106,3 +106,31 @@ def test_shipped_dodgers_bundle_loads_and_passes_its_self_test(dodgers_bundle):
     load_backend(bundle)
     assert bundle.classes == ["game_traffic"] and bundle.channels == ["count"]
     assert bundle.metadata["training"]["command"].startswith("segwatch-train dodgers")
+
+
+def _edit_metadata(bundle_dir, tmp_path, **changes):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(bundle_dir, copy)
+    meta = json.loads((copy / "bundle.json").read_text())
+    meta.update(changes)
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"threshold": 7}, "threshold"),
+    ({"hop": 0}, "hop"),
+    ({"normalization": {"mode": "fixed", "center": [0.0], "scale": [0.0]}}, "scale positive"),
+])
+def test_metadata_values_that_would_mislead_the_agent_are_refused(bundle_dir, tmp_path,
+                                                                 changes, message):
+    with pytest.raises(BundleError, match=message):
+        load_bundle(_edit_metadata(bundle_dir, tmp_path, **changes))
+
+
+def test_classes_must_match_the_model_outputs(bundle_dir, tmp_path):
+    bundle = load_bundle(_edit_metadata(bundle_dir, tmp_path, classes=["a", "b", "c"]))
+    with pytest.raises(BackendError, match="declares"):
+        load_backend(bundle)

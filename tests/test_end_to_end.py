@@ -203,3 +203,16 @@ def test_a_killed_agent_is_reported_offline_by_its_last_will(mosquitto, tmp_path
         if agent.poll() is None:
             agent.kill()
         watcher.close()
+
+
+def test_an_unusable_database_path_is_a_clear_startup_error(tmp_path, dodgers_bundle):
+    config = write_config(tmp_path, 1, dodgers_bundle)
+    raw = yaml.safe_load(config.read_text())
+    (tmp_path / "not-a-db").write_text("this is not SQLite " * 100)
+    raw["database"] = str(tmp_path / "not-a-db")
+    config.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "cannot open it as SQLite" in done.stderr and "Traceback" not in done.stderr

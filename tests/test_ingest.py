@@ -65,4 +65,4 @@ def test_a_bad_sample_in_a_batch_is_dropped_alone():
     decoded = decode_payload(b'[{"ts": 1, "value": 1}, {"ts": 2, "value": "x"}, '
                              b'{"ts": 3, "value": 3}]', CHANNEL)
     assert [s[2] for s in decoded.samples] == [1.0, 3.0]
-    assert decoded.rejected == ["not_a_number"]
+    assert [reason for reason, _ in decoded.rejected] == ["not_a_number"]

@@ -84,3 +84,14 @@ def test_hostile_payloads_are_rejected_not_raised(payload):
     route = Route("a", "x", frozenset({"x"}))
     with pytest.raises(PayloadError):
         decode_payload(payload, route)
+
+
+def test_a_clock_that_steps_back_restarts_the_window_instead_of_blinding_the_asset():
+    p, asset = pipeline(snapshot_length=64, hop=16)
+    ts = np.arange(1000.0, 1200.0)
+    run_series(p, "a", ts[:100], np.zeros((100, 1)), ["x"])
+    asset.add([("x", 1150.0 + 20_000.0, 0.0)])  # one sample from a clock far ahead (< 1 day)
+    rejected = asset.add([("x", float(t), 0.0) for t in ts[100:200]])
+    assert rejected["late"] == 64  # one snapshot's worth, then the window restarts
+    assert asset.counters["window_restarts"] >= 1
+    assert asset.counters["samples_accepted"] == 100 + 1 + 36

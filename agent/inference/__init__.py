@@ -45,6 +45,11 @@ def self_test(backend: Backend, bundle: ModelBundle, tolerance: float = 1e-4) ->
     """Outputs finite, batched equal to single, and equal to the bundle's reference outputs."""
     inputs, expected = bundle.reference()
     batched = backend.run(inputs)
+    outputs = len(bundle.classes) + (1 if bundle.activation == "softmax" else 0)
+    if batched.shape[1:] != (bundle.model_length, outputs):
+        raise BackendError(f"{bundle.path}: the model gives outputs of shape {batched.shape[1:]}"
+                           f" but bundle.json declares ({bundle.model_length}, {outputs}) for "
+                           f"{len(bundle.classes)} {bundle.activation} class(es)")
     if not np.isfinite(batched).all():
         raise BackendError(f"{backend.name}: self-test gave non-finite outputs")
     single = np.concatenate([backend.run(inputs[i:i + 1]) for i in range(len(inputs))])
