@@ -67,7 +67,7 @@ def evaluate_stream(bundle_dir: Path, series: Series, events, **overrides) -> tu
 
 
 def cross_validated_operating_point(data: tuple, epochs: int, snapshots_per_epoch: int,
-                                    seed: int, folds: int = 3) -> dict:
+                                    seed: int, folds: int = 3, augment: bool = False) -> dict:
     """Snapshot length and threshold chosen on the training half only, by cross-validation.
 
     The training half is cut into ``folds`` blocks of time; for each, a model trained on the
@@ -86,7 +86,8 @@ def cross_validated_operating_point(data: tuple, epochs: int, snapshots_per_epoc
                   for i in range(folds) if i != k]
         normalizer = _fixed_normalizer(np.concatenate([v for v, _ in blocks]))
         print(f"operating point: fold {k + 1}/{folds}", file=sys.stderr, flush=True)
-        model, history = train_model(blocks, normalizer, epochs, snapshots_per_epoch, seed + k)
+        model, history = train_model(blocks, normalizer, epochs, snapshots_per_epoch, seed + k,
+                                     augment=augment)
         held_series = Series(train.ts[held], train.values[held], train.channels, train.period)
         with tempfile.TemporaryDirectory() as tmp:
             bundle = export_bundle(model, Path(tmp) / "fold", _metadata(
@@ -232,7 +233,8 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
     print(f"Dodgers: {len(series.ts)} samples, train {len(train.ts)} ({n_train} games with "
           f"data), test {len(test.ts)}", file=sys.stderr)
 
-    point = cross_validated_operating_point(data, epochs, snapshots_per_epoch, seed)
+    point = cross_validated_operating_point(data, epochs, snapshots_per_epoch, seed,
+                                            augment=augment)
     print(f"operating point: snapshot {point['snapshot_length']}, threshold "
           f"{point['threshold']}", file=sys.stderr)
     meta, train_score, test_score = train_one(data, out, epochs, snapshots_per_epoch, seed,
