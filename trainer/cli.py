@@ -33,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
                          help="random amplitude scaling and jitter of training snapshots "
                               "(default: on; chosen by cross-validation, docs/dodgers.md)")
 
+    cv = sub.add_parser("dodgers-cv", help="only the cross-validation on the Dodgers training "
+                        "half, to compare training recipes")
+    cv.add_argument("--data", type=Path, default=None)
+    cv.add_argument("--epochs", type=int, default=12)
+    cv.add_argument("--snapshots-per-epoch", type=int, default=4096)
+    cv.add_argument("--seed", type=int, default=1)
+    cv.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+
     sub.add_parser("report", help="regenerate docs/results.md from results/*.json")
 
     args = parser.parse_args(argv)
@@ -49,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no Dodgers.data in {data}; pass --data FOLDER")
         task.run(data, args.out, args.results, args.epochs, args.snapshots_per_epoch,
                  args.seed, command, tuple(args.spread_seeds), args.augment)
+    elif args.command == "dodgers-cv":
+        from trainer import dodgers as task
+
+        suffix = "augment" if args.augment else "no-augment"
+        task.run_cross_validation(args.data or task.DEFAULT_DATA,
+                                  ROOT / "results" / f"dodgers-cv-{suffix}.json", args.epochs,
+                                  args.snapshots_per_epoch, args.seed, args.augment, command)
     elif args.command == "report":
         from trainer.report import write_report
 

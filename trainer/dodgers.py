@@ -276,6 +276,27 @@ def run(data_dir: Path, out: Path, results: Path, epochs: int, snapshots_per_epo
     return report
 
 
+def run_cross_validation(data_dir: Path, results: Path, epochs: int,
+                         snapshots_per_epoch: int, seed: int, augment: bool,
+                         command: str) -> dict:
+    """Only the cross-validation on the training half, to compare training recipes."""
+    series, events, split = load(data_dir)
+    train, test = halves(series, split)
+    mask = event_mask(series.ts, [(e.window_start, e.window_end) for e in events])
+    point = cross_validated_operating_point((series, events, split, train, test, mask), epochs,
+                                            snapshots_per_epoch, seed, augment=augment)
+    best = next(t for t in point["trials"] if (t["snapshot_length"], t["threshold"])
+                == (point["snapshot_length"], point["threshold"]))
+    report = {"experiment": "dodgers-unet-cross-validation", "command": command,
+              "code_version": code_version(), "seed": seed, "augment": augment,
+              "epochs": epochs, "split": "training half, 3 folds in time", "best": best,
+              "merit": best["detected"] - best["false_alarms"], "trials": point["trials"]}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"best: {best}", file=sys.stderr)
+    return report
+
+
 def _seed_row(seed: int, meta: dict, score: EventScore) -> dict:
     return {"seed": seed, "detected": score.detected, "events": len(score.events),
             "false_alarms": len(score.false_alarms), "model_id": meta["model_id"],

@@ -71,5 +71,18 @@ def write_report(results_dir: Path = ROOT / "results", out: Path = ROOT / "docs"
     path = results_dir / "dodgers-unet.json"
     if path.is_file():
         lines += _dodgers(json.loads(path.read_text()))
+    cv_rows = [json.loads(p.read_text()) for p in sorted(results_dir.glob("dodgers-cv-*.json"))]
+    if cv_rows:
+        lines += ["## Dodgers training recipes, compared by cross-validation", "",
+                  "Training half only, 3 folds in time; each row is the best operating point "
+                  "of a recipe over the held-out folds.", "",
+                  "| command | augmentation | best snapshot / threshold | detected | "
+                  "false alarms | detected − false alarms |", "|---|---|---|---|---|---|"]
+        for r in cv_rows:
+            b = r["best"]
+            lines.append(f"| `{r['command']}` | {'on' if r['augment'] else 'off'} | "
+                         f"{b['snapshot_length']} / {b['threshold']} | {b['detected']} of "
+                         f"{b['events']} | {b['false_alarms']} | {r['merit']} |")
+        lines.append("")
     out.write_text("\n".join(lines))
     return out
