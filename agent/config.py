@@ -340,9 +340,9 @@ class _Validator:
                 self.fail(key, "is required (seconds, or a string like '5min')")
             return 0.0
         try:
-            seconds = parse_duration(value, key)
+            seconds = parse_duration(value)
         except ValueError as exc:
-            raise ConfigError(f"{self.file}: key '{key}': {exc}".replace(f"{key}: ", "", 1))
+            self.fail(key, str(exc))
         self._range(seconds, key, lo, None)
         return seconds
 

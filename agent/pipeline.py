@@ -81,7 +81,8 @@ class AssetPipeline:
         self._late_run = 0  # consecutive late samples
 
     def add(self, samples) -> collections.Counter:
-        """Place samples ``(channel, ts, value)`` on the grid; return rejections by reason.
+        """Place samples ``(channel, ts, value)`` on the grid; return rejections by reason
+        (the caller counts and logs them).
 
         A run of late samples longer than a snapshot means the sensor's clock stepped back
         (or one sample came from the future): the window restarts on the new time base.
@@ -111,8 +112,6 @@ class AssetPipeline:
                 if reason == "late":
                     self._late_run += 1
         self._queue(out)
-        for reason, count in rejected.items():
-            self.counters[f"rejected.{reason}"] += count
         return rejected
 
     def stop(self) -> None:

@@ -104,25 +104,21 @@ def _settings(asset: AssetConfig, bundle):
         log.info("asset %s: channels %s feed model inputs %s in that order", asset.name,
                  channels, bundle.channels)
     try:
-        return _asset_settings(asset, bundle, channels)
+        return settings_from_bundle(
+            bundle, asset.name, channels,
+            sample_period=asset.sample_period,
+            snapshot_length=asset.snapshot_length,
+            hop=asset.hop,
+            normalization=asset.normalization,
+            ensemble=asset.ensemble,
+            max_missing=asset.max_missing,
+            max_lateness=asset.max_lateness,
+            threshold=asset.alarm.threshold,
+            hysteresis=asset.alarm.hysteresis,
+            min_duration=asset.alarm.min_duration,
+        )
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-
-
-def _asset_settings(asset: AssetConfig, bundle, channels):
-    return settings_from_bundle(
-        bundle, asset.name, channels,
-        sample_period=asset.sample_period,
-        snapshot_length=asset.snapshot_length,
-        hop=asset.hop,
-        normalization=asset.normalization,
-        ensemble=asset.ensemble,
-        max_missing=asset.max_missing,
-        max_lateness=asset.max_lateness,
-        threshold=asset.alarm.threshold,
-        hysteresis=asset.alarm.hysteresis,
-        min_duration=asset.alarm.min_duration,
-    )
 
 
 def routes(config: AgentConfig) -> dict[str, Route]:
@@ -304,12 +300,11 @@ class AgentService:
         rejected = self.pipeline.assets[route.asset].add(samples)
         for reason, count in rejected.items():
             self._reject(reason, f"topic {topic}: {count} sample(s) {_GRID_REASONS[reason]}",
-                         count=count, counted=True)
+                         count=count)
 
-    def _reject(self, reason: str, detail: str, count: int = 1, counted: bool = False) -> None:
-        """Count a rejection (unless the pipeline counted it) and log it, rate-limited."""
-        if not counted:
-            self.counters[f"rejected.{reason}"] += count
+    def _reject(self, reason: str, detail: str, count: int = 1) -> None:
+        """Count a rejection and log it, rate-limited."""
+        self.counters[f"rejected.{reason}"] += count
         self._reject_log(reason, detail, count)
 
     def _reject_log(self, reason: str, detail: str, count: int = 1) -> None:

@@ -56,11 +56,11 @@ def to_iso(seconds: float) -> str:
     return stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def parse_duration(value: object, key: str) -> float:
+def parse_duration(value: object) -> float:
     """Seconds from a number or a string such as ``300``, ``30s``, ``5min``, ``2h``, ``1d``."""
     units = {"ms": 0.001, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "d": 86400}
     if isinstance(value, bool):
-        raise ValueError(f"{key}: a duration must be a number of seconds or like '5min'")
+        raise ValueError("a duration must be a number of seconds or like '5min'")
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
@@ -77,6 +77,6 @@ def parse_duration(value: object, key: str) -> float:
         except ValueError:
             pass
     raise ValueError(
-        f"{key}: {value!r} is not a duration; use seconds or a number with one of "
+        f"{value!r} is not a duration; use seconds or a number with one of "
         f"{', '.join(sorted(units))}"
     )

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.demo import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DODGERS = SHARED_DATA / "dodgers"
@@ -22,12 +24,6 @@ def _mosquitto_binary() -> str | None:
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)),
         None,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Mosquitto:

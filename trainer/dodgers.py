@@ -55,11 +55,18 @@ def halves(series: Series, split: float) -> tuple[Series, Series]:
     return train, test
 
 
-def evaluate_stream(bundle_dir: Path, series: Series, events, **overrides) -> tuple:
-    """Alarms of the bundle on ``series`` through the agent's pipeline, scored by event."""
+def load_model(bundle_dir: Path) -> tuple:
+    """A bundle and its self-tested ONNX Runtime backend, loaded once for many evaluations."""
     bundle = load_bundle(bundle_dir)
+    return bundle, load_backend(bundle)
+
+
+def evaluate_stream(model: tuple, series: Series, events, **overrides) -> tuple:
+    """Alarms of ``model`` (from ``load_model``) on ``series`` through the agent's pipeline,
+    scored by event."""
+    bundle, backend = model
     settings = settings_from_bundle(bundle, "dodgers", **overrides)
-    pipeline = Pipeline([AssetPipeline(settings, bundle, load_backend(bundle))])
+    pipeline = Pipeline([AssetPipeline(settings, bundle, backend)])
     alarms = run_series(pipeline, "dodgers", series.ts, series.values, series.channels)
     spans = sorted(alarm_spans(alarms).values())
     scored = events_with_data(events, series, series.ts[0], series.ts[-1] + 1)
@@ -90,12 +97,12 @@ def cross_validated_operating_point(data: tuple, epochs: int, snapshots_per_epoc
                                      augment=augment)
         held_series = Series(train.ts[held], train.values[held], train.channels, train.period)
         with tempfile.TemporaryDirectory() as tmp:
-            bundle = export_bundle(model, Path(tmp) / "fold", _metadata(
+            fold_model = load_model(export_bundle(model, Path(tmp) / "fold", _metadata(
                 normalizer, split, seed + k, epochs, snapshots_per_epoch, history[-1], 0.0,
-                "cross-validation fold", False))
+                "cross-validation fold", augment)))
             for length in SNAPSHOT_LENGTHS:
                 for threshold in THRESHOLDS:
-                    score, _ = evaluate_stream(bundle, held_series, events,
+                    score, _ = evaluate_stream(fold_model, held_series, events,
                                                snapshot_length=length, threshold=threshold)
                     total = totals.setdefault((length, threshold), [0, 0, 0])
                     total[0] += score.detected
@@ -212,8 +219,9 @@ def train_one(data: tuple, out: Path, epochs: int, snapshots_per_epoch: int, see
     metadata["training"]["operating_point"] = operating_point
     export_bundle(model, out, metadata, real_inputs=real)
 
-    train_score, _ = evaluate_stream(out, train, events)
-    test_score, _ = evaluate_stream(out, test, events)
+    loaded = load_model(out)
+    train_score, _ = evaluate_stream(loaded, train, events)
+    test_score, _ = evaluate_stream(loaded, test, events)
     meta = json.loads((out / "bundle.json").read_text())
     print(f"seed {seed}: test {test_score.line()}", file=sys.stderr)
     return meta, train_score, test_score
