@@ -64,3 +64,121 @@ def test_output_section(activation, classes, units):
 def test_rejects_lengths_that_do_not_pool():
     with pytest.raises(ValueError, match="multiple of 256"):
         build_unet(model_length=1000)
+
+
+# Sample-wise normalization -------------------------------------------------------------------
+
+
+def test_sample_norm_standardizes_each_snapshot_and_channel():
+    import numpy as np
+
+    from trainer.unet import SampleNormalization
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(loc=[5.0, -300.0], scale=[0.1, 40.0], size=(3, 256, 2)).astype("float32")
+    y = keras.ops.convert_to_numpy(SampleNormalization()(x))
+    np.testing.assert_allclose(y.mean(axis=1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(y.std(axis=1), 1.0, atol=1e-3)
+
+
+def test_sample_norm_maps_a_flat_snapshot_to_zeros():
+    import numpy as np
+
+    from trainer.unet import SampleNormalization
+
+    flat = np.full((1, 256, 1), 7.0, dtype="float32")
+    assert not np.abs(keras.ops.convert_to_numpy(SampleNormalization()(flat))).any()
+
+
+def test_sample_norm_is_the_first_layer_and_adds_no_weights():
+    plain = build_unet(model_length=256)
+    model = build_unet(model_length=256, sample_norm=True)
+    layer = model.get_layer("sample_norm")
+    assert layer.input is model.input or layer.input.name == model.input.name
+    assert model.count_params() == plain.count_params()
+    assert "sample_norm" not in [layer.name for layer in plain.layers]
+
+
+# MU-Net ------------------------------------------------------------------------------------
+
+
+def _encoder_params_per_channel():
+    params, width = 0, 1
+    for filters in (16, 32, 64, 128):
+        for _ in range(2):
+            params += 3 * width * filters + filters + 4 * filters  # conv + batchnorm
+            width = filters
+    return params
+
+
+@pytest.mark.parametrize("channels", [1, 8, 19])
+def test_munet_shapes(channels):
+    from trainer.unet import build_munet
+
+    model = build_munet(channels, n_classes=2, model_length=256)
+    assert model.input.name == "snapshot" and model.input_shape == (None, 256, channels)
+    assert model.output_shape == (None, 256, 2)
+
+    # One encoder copy of sections 1 to 4 per channel, one shared fifth section.
+    for c in range(channels):
+        for section, filters in zip((1, 2, 3, 4), (16, 32, 64, 128)):
+            convs = conv_layers(model, f"ch{c}_enc{section}_")
+            assert [conv.filters for conv in convs] == [filters, filters]
+    assert not conv_layers(model, f"ch{channels}_")
+    assert not [layer for layer in model.layers if layer.name.startswith("ch")
+                and "enc5" in layer.name]
+    assert model.get_layer("enc5_b1_conv").kernel.shape == (3, 128 * channels, 256)
+    for section, (up, skip) in zip((4, 3, 2, 1), [(256, 128), (128, 64), (64, 32), (32, 16)]):
+        kernel = model.get_layer(f"dec{section}_b1_conv").kernel
+        assert kernel.shape == (3, up + channels * skip, skip)
+
+    # Parameters: the U-Net's, plus per extra channel an encoder and the wider first convs.
+    unet = build_unet(n_channels=1, n_classes=2, model_length=256).count_params()
+    wider = 3 * 128 * 256 + sum(3 * f * f for f in (16, 32, 64, 128))
+    assert model.count_params() == unet + (channels - 1) * (_encoder_params_per_channel()
+                                                             + wider)
+
+
+def test_munet_skips_merge_every_channels_encoder_section():
+    from trainer.unet import build_munet
+
+    model = build_munet(3, model_length=256)
+    for section in (1, 2, 3, 4):
+        merge = model.get_layer(f"enc{section}_merge")
+        sources = {t.name for t in merge.input}
+        assert sources == {model.get_layer(f"ch{c}_enc{section}_b2_relu").output.name
+                           for c in range(3)}
+        concat = model.get_layer(f"dec{section}_concat")
+        assert merge.output.name in {t.name for t in concat.input}
+
+
+def test_munet_channel_encoders_see_only_their_channel():
+    import numpy as np
+
+    from trainer.unet import build_munet
+
+    keras.utils.set_random_seed(1)
+    model = build_munet(3, model_length=256)
+    probe = keras.Model(model.input, [model.get_layer(f"ch{c}_enc4_b2_relu").output
+                                      for c in range(3)])
+    x = np.random.default_rng(0).normal(size=(2, 256, 3)).astype("float32")
+    changed = x.copy()
+    changed[:, :, 1] += 5.0
+    before = [np.array(t) for t in probe(x, training=False)]
+    after = [np.array(t) for t in probe(changed, training=False)]
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[2], after[2])
+    assert np.abs(before[1] - after[1]).max() > 1e-3
+
+
+def test_munet_with_sample_norm_saves_and_loads(tmp_path):
+    import numpy as np
+
+    from trainer.unet import build_munet
+
+    model = build_munet(2, n_classes=1, model_length=256, sample_norm=True)
+    model.save(tmp_path / "munet.keras")
+    loaded = keras.models.load_model(tmp_path / "munet.keras")
+    x = np.random.default_rng(2).normal(size=(2, 256, 2)).astype("float32")
+    np.testing.assert_allclose(np.array(loaded(x, training=False)),
+                               np.array(model(x, training=False)), atol=1e-6)
