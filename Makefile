@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test train-dodgers clean
+.PHONY: demo test bench train-dodgers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)"; exit 1; }
@@ -25,6 +25,11 @@ demo: $(VENV)/.agent-installed
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q
+
+# Inference and agent benchmarks (a few minutes); figures printed and in results/bench-*.json.
+bench: $(VENV)/.dev-installed
+	$(PY) bench/inference.py
+	$(PY) bench/agent.py
 
 # Reproduces the shipped bundle models/dodgers-unet and results/dodgers-unet.json.
 train-dodgers: $(VENV)/.dev-installed

@@ -8,9 +8,12 @@ A bundle is a folder:
 - ``model.onnx``: the graph, input ``snapshot`` (batch, model length, channels), output
   (batch, model length, outputs);
 - ``reference.npz``: fixed inputs and the outputs Keras gave for them at export, for the
-  self-test at load.
+  self-test at load;
+- ``model.tflite`` (optional, listed in ``files`` when present): the same model for LiteRT.
 
-``load_bundle`` verifies checksums and fields and refuses a bundle that does not pass.
+``load_bundle`` verifies checksums and fields and refuses a bundle that does not pass. An
+optional file that fails its checksum does not refuse the bundle: it is recorded in
+``ModelBundle.unusable`` (with the reason) and the backend that needs it is not used.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ FORMAT = "segwatch-bundle/1"
 METADATA = "bundle.json"
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.npz"
+TFLITE_FILE = "model.tflite"  # optional: the same model for LiteRT
 
 
 class BundleError(ValueError):
@@ -41,6 +45,7 @@ class BundleError(ValueError):
 class ModelBundle:
     path: Path
     metadata: dict
+    unusable: dict = dataclasses.field(default_factory=dict)  # optional file -> reason
 
     @property
     def model_id(self) -> str:
@@ -65,6 +70,11 @@ class ModelBundle:
     @property
     def model_file(self) -> Path:
         return self.path / MODEL_FILE
+
+    @property
+    def tflite_file(self) -> Path | None:
+        """The LiteRT model, or None for a bundle exported without one."""
+        return self.path / TFLITE_FILE if TFLITE_FILE in self.metadata["files"] else None
 
     def normalizer(self, mode: str = "bundle") -> Normalizer:
         """The bundle's fixed scales (``bundle``) or per-snapshot scaling (``snapshot``)."""
@@ -151,13 +161,21 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise BundleError(f"{meta_path}: activation must be sigmoid or softmax")
     _check_values(metadata, meta_path)
 
-    for name in (MODEL_FILE, REFERENCE_FILE):
+    # Required files refuse the bundle; an optional listed file (model.tflite) only itself.
+    unusable = {}
+    for name in dict.fromkeys([MODEL_FILE, REFERENCE_FILE, *metadata["files"]]):
         expected = metadata["files"].get(name)
         file = path / name
+        problem = None
         if not file.is_file():
-            raise BundleError(f"{file}: missing from the bundle")
-        if expected is None or sha256_file(file) != expected:
-            raise BundleError(f"{file}: checksum does not match bundle.json; the file is "
-                              "corrupt or was changed after export. Re-export the bundle.")
+            problem = f"{file}: missing from the bundle"
+        elif expected is None or sha256_file(file) != expected:
+            problem = (f"{file}: checksum does not match bundle.json; the file is corrupt or "
+                       "was changed after export. Re-export the bundle.")
+        if problem and name in (MODEL_FILE, REFERENCE_FILE):
+            raise BundleError(problem)
+        if problem:
+            log.warning("%s; the bundle is used without it", problem)
+            unusable[name] = problem
     log.debug("bundle %s verified (%s)", path, metadata["model_id"])
-    return ModelBundle(path, metadata)
+    return ModelBundle(path, metadata, unusable)

@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = sub.add_parser("run", help="run the agent with a configuration file")
     run.add_argument("--config", "-c", required=True, type=Path)
-    run.add_argument("--backend", default="auto", choices=["auto", "onnxruntime"])
+    run.add_argument("--backend", default=None,
+                     choices=["auto", "onnxruntime", "litert", "tensorrt"],
+                     help="inference backend (default: the configuration's inference.backend)")
 
     check = sub.add_parser("check", help="validate a configuration and load its model bundles")
     check.add_argument("--config", "-c", required=True, type=Path)
@@ -49,6 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--time-column", help="CSV timestamp column (default: detected)")
     rep.add_argument("--columns", help="comma-separated CSV columns to send (default: all)")
     rep.add_argument("--qos", type=int, choices=[0, 1], default=1)
+
+    engine = sub.add_parser("build-engine", help="build and cache a bundle's TensorRT engine "
+                            "on this machine's GPU, then self-test it")
+    engine.add_argument("--bundle", required=True, type=Path, help="model bundle folder")
+    engine.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
+    engine.add_argument("--engine-dir", type=Path, default=None,
+                        help="engine cache folder (default: BUNDLE/engines)")
+    engine.add_argument("--force", action="store_true", help="rebuild even if up to date")
+
+    status = sub.add_parser("status", help="print the running agent's health report; exit 1 "
+                            "when it is not running (no report, a stale one, or offline)")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", "-c", type=Path, help="the agent's configuration file")
+    where.add_argument("--file", type=Path, help="the status file itself")
 
     demo = sub.add_parser("demo", help="the Dodgers demo on an embedded MQTT broker")
     demo.add_argument("--data", type=Path, default=None, help="folder with Dodgers.data")
@@ -81,11 +97,14 @@ def _dispatch(args) -> int:
                     print(f"{name}: model {asset.bundle.model_id}, {len(s.channels)} channel(s),"
                           f" snapshot {s.snapshot_length} x {s.sample_period:g} s, hop {s.hop}, "
                           f"threshold {s.threshold}")
+                    reason = getattr(asset.backend, "fallback_reason", None)
+                    print(f"{name}: inference on {asset.backend.describe()}"
+                          + (f" (not used: {reason})" if reason else ""))
                 print(f"{args.config}: OK")
                 return 0
             from agent.service import run_agent
 
-            return run_agent(config, args.backend)
+            return run_agent(config, args.backend or config.inference_backend)
         except (ConfigError, BundleError, BackendError, StartupError) as exc:
             print(f"segwatch-agent: {exc}", file=sys.stderr)
             return 2
@@ -93,11 +112,58 @@ def _dispatch(args) -> int:
     if args.command == "replay":
         return _replay(args)
 
+    if args.command == "status":
+        return _status(args)
+
+    if args.command == "build-engine":
+        return _build_engine(args)
+
     if args.command == "demo":
         from agent.demo import DEFAULT_DATA, run_demo
 
         return run_demo(args.data or DEFAULT_DATA, args.database, args.speed)
     return 2
+
+
+def _build_engine(args) -> int:
+    from agent.bundle import BundleError, load_bundle
+    from agent.inference import BackendError, load_backend
+    from agent.inference.tensorrt_backend import build_engine
+
+    try:
+        bundle = load_bundle(args.bundle)
+        path = build_engine(bundle, args.precision, args.engine_dir, force=args.force)
+        backend = load_backend(bundle, "tensorrt", precision=args.precision,
+                               engine_dir=args.engine_dir, build_engine=False, strict=True)
+    except (BundleError, BackendError) as exc:
+        print(f"segwatch-agent build-engine: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: {backend.describe()}; self-test passed, max |error| "
+          f"{backend.self_test_error:.1e} against the bundle's reference outputs")
+    return 0
+
+
+def _status(args) -> int:
+    """Print the status file as a text report; 0 when the agent is running, else 1."""
+    from agent.health import read_status_file, status_file_from_config, status_report
+
+    try:
+        path = args.file or status_file_from_config(args.config)
+    except (OSError, ValueError) as exc:
+        print(f"segwatch-agent status: {exc}", file=sys.stderr)
+        return 2
+    try:
+        status = read_status_file(path)
+    except FileNotFoundError:
+        print(f"segwatch-agent status: no status file {path}: the agent is not running, or "
+              "has not written its first report yet", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"segwatch-agent status: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
+    text, healthy = status_report(status)
+    print(text)
+    return 0 if healthy else 1
 
 
 def _replay(args) -> int:

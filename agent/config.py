@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from agent.timeutil import parse_duration
+from agent.ingest import IngestLimits
+from agent.timeutil import TimestampError, parse_duration, parse_timestamp
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ENSEMBLES = ("mean", "median", "max")
@@ -43,12 +44,19 @@ class BrokerConfig:
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     tls: TlsConfig | None = None
+    protocol: str = "5"  # "5" (falls back to 3.1.1 when the broker refuses it) or "3.1.1"
+    session_expiry: float = 3600.0  # seconds the broker keeps the session; 0: clean session
+    reconnect_min_delay: float = 1.0
+    reconnect_max_delay: float = 60.0
+    shared_group: str | None = None  # subscribe to samples as $share/<group>/<topic>
 
 
 @dataclasses.dataclass(frozen=True)
 class ChannelConfig:
     name: str
     topic: str | None
+    min: float | None = None  # physical range; samples outside are rejected (out_of_range)
+    max: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +64,7 @@ class AlarmConfig:
     threshold: float | None  # None: the bundle's suggested threshold
     hysteresis: float | None  # None: the bundle's
     min_duration: float | None  # seconds of sample time; None: the bundle's
+    off_delay: float | None = None  # seconds below the clear level before a clear; None: 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +81,10 @@ class AssetConfig:
     max_missing: float
     max_lateness: float  # seconds of sample time
     alarm: AlarmConfig
+    max_fill: int = 3  # samples: shorter gaps are interpolated and scored
+    long_gap: int | None = None  # samples: gaps this long are guarded; None: the pipeline's
+    gap_guard: int | None = None  # samples masked after a long gap; None: the pipeline's
+    stuck_run: int = 10  # samples in a row at min or max: stuck at a rail; 0: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +97,14 @@ class AgentConfig:
     status_interval: float
     inference_threads: int
     queue_size: int
+    stop_timeout: float  # seconds from SIGTERM to exit, drain included
+    ingest: IngestLimits = IngestLimits()  # what a payload may hold (the ``ingest`` key)
+    inference_backend: str = "auto"  # auto, onnxruntime, litert, tensorrt
+    inference_precision: str = "fp16"  # TensorRT's: fp16 or fp32
+    engine_dir: Path | None = None  # TensorRT engine cache; None: <bundle>/engines
+    database_retention: float = 90 * 86400.0  # seconds; 0 keeps every row
+    database_check: str = "quick"  # integrity check at start: quick or full
+    max_shelve: float = 12 * 3600.0  # the longest shelve a command may ask for, seconds
 
 
 def load_config(path: str | os.PathLike) -> AgentConfig:
@@ -107,7 +128,8 @@ def parse_config(raw: Any, path: Path) -> AgentConfig:
     v.no_unknown(
         top,
         "",
-        {"broker", "assets", "alarm_prefix", "database", "status_interval", "inference"},
+        {"broker", "assets", "alarm_prefix", "database", "status_interval", "inference",
+         "stop_timeout", "database_retention", "database_check", "max_shelve", "ingest"},
     )
     broker = _broker(v, v.mapping(top.get("broker"), "broker", required=True))
 
@@ -120,12 +142,21 @@ def parse_config(raw: Any, path: Path) -> AgentConfig:
         if names.count(name) > 1:
             v.fail("assets", f"asset name {name!r} is used twice; names must be unique")
     _check_topics_unique(v, assets)
+    if broker.shared_group is not None:
+        for i, asset in enumerate(assets):
+            if asset.topic is None or any(c.topic for c in asset.channels):
+                v.fail(f"assets[{i}].topic", "with broker.shared_group an asset sends every "
+                       "channel on its asset topic and no channel topics: the broker keeps "
+                       "a topic, not an asset, on one agent of the group")
 
     prefix = v.string(top.get("alarm_prefix", "segwatch"), "alarm_prefix")
-    if not prefix or any(ch in prefix for ch in "+#") or prefix.startswith("/"):
-        v.fail("alarm_prefix", "must be a topic prefix without '+', '#' or a leading '/'")
+    if any(ch in prefix for ch in "+#\0") or prefix.startswith(("/", "$")) \
+            or "" in prefix.rstrip("/").split("/"):
+        v.fail("alarm_prefix", f"{prefix!r} must be a topic prefix without '+', '#', NUL, "
+               "empty levels ('//') or a leading '/' or '$'")
     inference = v.mapping(top.get("inference", {}), "inference")
-    v.no_unknown(inference, "inference", {"threads", "queue_size"})
+    v.no_unknown(inference, "inference",
+                 {"threads", "queue_size", "backend", "precision", "engine_dir"})
     return AgentConfig(
         path=path,
         broker=broker,
@@ -135,6 +166,18 @@ def parse_config(raw: Any, path: Path) -> AgentConfig:
         status_interval=v.duration(top.get("status_interval", 10), "status_interval", 0.1),
         inference_threads=v.integer(inference.get("threads", 0), "inference.threads", 0, 256),
         queue_size=v.integer(inference.get("queue_size", 10000), "inference.queue_size", 1),
+        stop_timeout=v.duration(top.get("stop_timeout", 30), "stop_timeout", 1.0),
+        ingest=_ingest(v, v.mapping(top.get("ingest", {}), "ingest")),
+        inference_backend=v.choice(inference.get("backend", "auto"), "inference.backend",
+                                   ("auto", "onnxruntime", "litert", "tensorrt")),
+        inference_precision=v.choice(inference.get("precision", "fp16"),
+                                     "inference.precision", ("fp16", "fp32")),
+        engine_dir=v.path(inference.get("engine_dir"), "inference.engine_dir"),
+        database_retention=v.duration(top.get("database_retention", "90d"),
+                                      "database_retention"),
+        database_check=v.choice(top.get("database_check", "quick"), "database_check",
+                                ("quick", "full")),
+        max_shelve=v.duration(top.get("max_shelve", "12h"), "max_shelve", 1.0),
     )
 
 
@@ -143,18 +186,25 @@ def _broker(v: _Validator, raw: dict) -> BrokerConfig:
         raw,
         "broker",
         {"host", "port", "client_id", "keepalive", "username", "password_file",
-         "password_env", "tls"},
+         "password_env", "tls", "protocol", "session_expiry", "reconnect_min_delay",
+         "reconnect_max_delay", "shared_group"},
     )
     if "password" in raw:
         v.fail("broker.password", "passwords are never read from the YAML itself; use "
                "broker.password_file or broker.password_env")
+    if raw.get("password_file") is not None and raw.get("password_env") is not None:
+        v.fail("broker.password_file", "give broker.password_file or broker.password_env, "
+               "not both")
     password = None
     if raw.get("password_file") is not None:
         pw_path = v.path(raw["password_file"], "broker.password_file")
         try:
-            password = pw_path.read_text(encoding="utf-8").strip()
+            lines = pw_path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             v.fail("broker.password_file", f"cannot read {pw_path}: {exc.strerror}")
+        if not lines or not lines[0]:
+            v.fail("broker.password_file", f"{pw_path}: the first line (the password) is empty")
+        password = lines[0]
     elif raw.get("password_env") is not None:
         env = v.string(raw["password_env"], "broker.password_env")
         if env not in os.environ:
@@ -172,6 +222,14 @@ def _broker(v: _Validator, raw: dict) -> BrokerConfig:
         )
         if (tls.cert_file is None) != (tls.key_file is None):
             v.fail("broker.tls", "cert_file and key_file go together: give both or neither")
+    protocol = str(raw.get("protocol", "5"))
+    if protocol not in ("5", "3.1.1"):
+        v.fail("broker.protocol", f"{raw.get('protocol')!r} is not allowed; use 5 (MQTT 5, "
+               "falls back to 3.1.1 when the broker refuses it) or '3.1.1'")
+    reconnect_min = v.duration(raw.get("reconnect_min_delay", 1), "broker.reconnect_min_delay",
+                               0.1)
+    reconnect_max = v.duration(raw.get("reconnect_max_delay", 60), "broker.reconnect_max_delay",
+                               reconnect_min)
     return BrokerConfig(
         host=v.string(raw.get("host", "127.0.0.1"), "broker.host"),
         port=v.integer(raw.get("port", 1883), "broker.port", 1, 65535),
@@ -181,6 +239,29 @@ def _broker(v: _Validator, raw: dict) -> BrokerConfig:
                   if raw.get("username") is not None else None),
         password=password,
         tls=tls,
+        protocol=protocol,
+        session_expiry=v.duration(raw.get("session_expiry", 3600), "broker.session_expiry"),
+        reconnect_min_delay=reconnect_min,
+        reconnect_max_delay=reconnect_max,
+        shared_group=(v.segment(raw["shared_group"], "broker.shared_group")
+                      if raw.get("shared_group") is not None else None),
+    )
+
+
+def _ingest(v: _Validator, raw: dict) -> IngestLimits:
+    v.no_unknown(raw, "ingest", {"max_payload_bytes", "max_samples", "min_timestamp",
+                                 "max_future"})
+    epoch = raw.get("min_timestamp", "2000-01-01T00:00:00Z")
+    try:
+        min_timestamp = parse_timestamp(epoch)
+    except TimestampError as exc:
+        v.fail("ingest.min_timestamp", f"{exc}; give ISO 8601 with an offset or epoch seconds")
+    return IngestLimits(
+        max_payload_bytes=v.integer(raw.get("max_payload_bytes", 1_000_000),
+                                    "ingest.max_payload_bytes", 64, 256_000_000),
+        max_samples=v.integer(raw.get("max_samples", 10_000), "ingest.max_samples", 1),
+        min_timestamp=min_timestamp,
+        max_future=v.duration(raw.get("max_future", "1d"), "ingest.max_future", 1.0),
     )
 
 
@@ -190,7 +271,8 @@ def _asset(v: _Validator, raw: Any, key: str) -> AssetConfig:
         raw,
         key,
         {"name", "channels", "topic", "sample_period", "model", "snapshot_length", "hop",
-         "normalization", "ensemble", "max_missing", "max_lateness", "alarm"},
+         "normalization", "ensemble", "max_missing", "max_lateness", "alarm", "max_fill",
+         "long_gap", "gap_guard", "stuck_run"},
     )
     name = v.segment(raw.get("name"), f"{key}.name")
     if name == "agents":
@@ -202,11 +284,17 @@ def _asset(v: _Validator, raw: Any, key: str) -> AssetConfig:
     for i, ch in enumerate(channels_raw):
         ck = f"{key}.channels[{i}]"
         ch = v.mapping(ch, ck, required=True)
-        v.no_unknown(ch, ck, {"name", "topic"})
+        v.no_unknown(ch, ck, {"name", "topic", "min", "max"})
         topic = ch.get("topic")
+        low = v.number(ch["min"], f"{ck}.min") if ch.get("min") is not None else None
+        high = v.number(ch["max"], f"{ck}.max") if ch.get("max") is not None else None
+        if low is not None and high is not None and not low < high:
+            v.fail(f"{ck}.max", f"must be above {ck}.min ({low:g})")
         channels.append(ChannelConfig(
             name=v.string(ch.get("name"), f"{ck}.name"),
             topic=v.topic(topic, f"{ck}.topic") if topic is not None else None,
+            min=low,
+            max=high,
         ))
     channel_names = [c.name for c in channels]
     if len(set(channel_names)) != len(channel_names):
@@ -225,7 +313,8 @@ def _asset(v: _Validator, raw: Any, key: str) -> AssetConfig:
         v.fail(f"{key}.hop", f"must not exceed snapshot_length ({snapshot_length})")
 
     alarm_raw = v.mapping(raw.get("alarm", {}), f"{key}.alarm")
-    v.no_unknown(alarm_raw, f"{key}.alarm", {"threshold", "hysteresis", "min_duration"})
+    v.no_unknown(alarm_raw, f"{key}.alarm",
+                 {"threshold", "hysteresis", "min_duration", "off_delay"})
     threshold = alarm_raw.get("threshold")
     alarm = AlarmConfig(
         threshold=(v.number(threshold, f"{key}.alarm.threshold", 0.0, 1.0)
@@ -234,6 +323,8 @@ def _asset(v: _Validator, raw: Any, key: str) -> AssetConfig:
                     if alarm_raw.get("hysteresis") is not None else None),
         min_duration=(v.duration(alarm_raw["min_duration"], f"{key}.alarm.min_duration")
                       if alarm_raw.get("min_duration") is not None else None),
+        off_delay=(v.duration(alarm_raw["off_delay"], f"{key}.alarm.off_delay")
+                   if alarm_raw.get("off_delay") is not None else None),
     )
     period = v.duration(raw.get("sample_period"), f"{key}.sample_period", 1e-3, required=True)
     return AssetConfig(
@@ -250,6 +341,12 @@ def _asset(v: _Validator, raw: Any, key: str) -> AssetConfig:
         max_missing=v.number(raw.get("max_missing", 0.5), f"{key}.max_missing", 0.0, 1.0),
         max_lateness=v.duration(raw.get("max_lateness", 2 * period), f"{key}.max_lateness"),
         alarm=alarm,
+        max_fill=v.integer(raw.get("max_fill", 3), f"{key}.max_fill", 0),
+        long_gap=(v.integer(raw["long_gap"], f"{key}.long_gap", 1)
+                  if raw.get("long_gap") is not None else None),
+        gap_guard=(v.integer(raw["gap_guard"], f"{key}.gap_guard", 0)
+                   if raw.get("gap_guard") is not None else None),
+        stuck_run=v.integer(raw.get("stuck_run", 10), f"{key}.stuck_run", 0),
     )
 
 

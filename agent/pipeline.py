@@ -4,6 +4,10 @@
 the assets together so that snapshots due at the same time are scored in one batch. The
 MQTT service and the offline evaluation both drive this class, which is why a replay through
 the broker and an offline run give the same alarms.
+
+Stream hygiene on the grid (see ``agent.window`` for gaps, flat lines and stuck sensors):
+samples that are not finite or fall outside a channel's configured physical range are
+rejected by reason, like late and duplicate samples, and the rest go on.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import time
 
 import numpy as np
@@ -42,6 +47,19 @@ class AssetSettings:
     threshold: float = 0.5
     hysteresis: float = 0.1
     min_duration: float = 0.0
+    off_delay: float = 0.0
+    # Physical range per channel, (min, max); None or a None bound: not limited.
+    channel_ranges: list[tuple[float | None, float | None]] | None = None
+    max_fill: int = 3  # samples: a gap of at most this many is interpolated and scored
+    long_gap: int | None = None  # samples: a gap this long is guarded; None: length // 32
+    gap_guard: int | None = None  # samples masked after a long gap; None: length // 24
+    stuck_run: int = 10  # samples in a row at a range bound: the sensor is stuck at a rail
+
+    def gap_slots(self) -> tuple[int, int]:
+        """``long_gap`` and ``gap_guard`` in samples, with their defaults."""
+        long_gap = self.snapshot_length // 32 if self.long_gap is None else self.long_gap
+        guard = self.snapshot_length // 24 if self.gap_guard is None else self.gap_guard
+        return long_gap, guard
 
 
 @dataclasses.dataclass
@@ -64,35 +82,57 @@ class AssetPipeline:
         self.backend = backend
         self.channel_index = {name: i for i, name in enumerate(settings.channels)}
         self.normalizer = bundle.normalizer(settings.normalization)
+        ranges = settings.channel_ranges or [(None, None)] * len(settings.channels)
+        if len(ranges) != len(settings.channels):
+            raise ValueError(f"asset {settings.name!r}: {len(ranges)} channel ranges for "
+                             f"{len(settings.channels)} channels")
+        self.low = np.array([math.nan if lo is None else lo for lo, _ in ranges], float)
+        self.high = np.array([math.nan if hi is None else hi for _, hi in ranges], float)
         self.window = AssetWindow(
             len(settings.channels), settings.sample_period, settings.snapshot_length,
             settings.hop, settings.max_lateness, settings.max_missing,
+            max_fill=settings.max_fill, long_gap=settings.gap_slots()[0],
+            gap_guard=settings.gap_slots()[1], low=self.low, high=self.high,
+            stuck_run=settings.stuck_run,
         )
         n_classes = len(bundle.classes)
         self.ensemble = Ensemble(n_classes, settings.snapshot_length, settings.hop,
                                  settings.ensemble)
         self.trackers = [
             AlarmTracker(settings.name, cls, bundle.model_id, settings.sample_period,
-                         settings.threshold, settings.hysteresis, settings.min_duration)
+                         settings.threshold, settings.hysteresis, settings.min_duration,
+                         settings.off_delay)
             for cls in bundle.classes
         ]
         self.pending: list[_Pending] = []
         self.counters: collections.Counter = collections.Counter()
         self._late_run = 0  # consecutive late samples
+        # Optional observer of the ensembled scores as slots become final (offline
+        # evaluation reads them): called with each non-empty ``agent.ensemble.Finalized``.
+        self.on_final = None
 
     def add(self, samples) -> collections.Counter:
         """Place samples ``(channel, ts, value)`` on the grid; return rejections by reason
-        (the caller counts and logs them).
+        (the caller counts and logs them): ``unknown_channel``, ``non_finite``,
+        ``out_of_range`` (outside the channel's configured physical range), ``late`` and
+        ``duplicate``.
 
         A run of late samples longer than a snapshot means the sensor's clock stepped back
         (or one sample came from the future): the window restarts on the new time base.
         """
         window, out = self.window, []
         rejected: collections.Counter = collections.Counter()
+        low, high = self.low, self.high
         for channel, ts, value in samples:
             index = self.channel_index.get(channel)
             if index is None:
                 rejected["unknown_channel"] += 1
+                continue
+            if not math.isfinite(value):
+                rejected["non_finite"] += 1
+                continue
+            if value < low[index] or value > high[index]:  # NaN bound: not limited
+                rejected["out_of_range"] += 1
                 continue
             slot = window.slot(ts)
             if window.is_gap_restart(slot) or self._late_run >= self.settings.snapshot_length:
@@ -118,8 +158,22 @@ class AssetPipeline:
         """The stream stops (shutdown): cut and queue what is left; alarms stay as they are."""
         self._stop_stream(clear_alarms=False)
 
+    def sensor_status(self) -> dict[str, str]:
+        """The condition of each channel over the newest snapshot's span of slots.
+
+        ``ok``; ``no_data`` (no sample: never received, or the window restarted after a long
+        gap); ``flatline`` (every sample equal); ``stuck_high`` / ``stuck_low`` (the newest
+        ``stuck_run`` samples sit at the channel's configured maximum / minimum). A flat or
+        stuck channel is a sensor fault, not an anomaly: its snapshots are masked.
+        """
+        return dict(zip(self.settings.channels, self.window.channel_status()))
+
     def _queue(self, snapshots: list[Snapshot], last: bool = False, clear: bool = False):
         for i, snapshot in enumerate(snapshots):
+            if snapshot.condition == "flatline":
+                self.counters["flatline_snapshots"] += 1
+            if snapshot.stuck:
+                self.counters["stuck_snapshots"] += 1
             final = last and i == len(snapshots) - 1
             self.pending.append(_Pending(snapshot, self.window.first_slot, final, clear))
 
@@ -146,7 +200,10 @@ class AssetPipeline:
                                       last=item.last)
         events: list[AlarmEvent] = []
         if len(final.slots):
+            if self.on_final is not None:
+                self.on_final(final)
             self.counters["slots_final"] += len(final.slots)
+            self.counters["slots_masked"] += int(final.masked.sum())
             for k, tracker in enumerate(self.trackers):
                 events += tracker.update(final.slots, final.scores[:, k], final.masked)
         if item.last:
@@ -191,8 +248,8 @@ class Pipeline:
                 item.inputs = prepare(item.snapshot.values, asset.bundle.model_length,
                                       asset.normalizer)
                 groups[id(asset.backend)].append((asset, item))
-            elif item.snapshot is not None:
-                self.counters["snapshots_skipped"] += 1
+            elif item.snapshot is not None and item.snapshot.condition != "flatline":
+                self.counters["snapshots_skipped"] += 1  # too much missing, or a silent channel
         for group in groups.values():
             backend, bundle = group[0][0].backend, group[0][0].bundle
             for lo in range(0, len(group), MAX_BATCH):

@@ -53,7 +53,11 @@ def resample(values: np.ndarray, length: int) -> np.ndarray:
 class Normalizer:
     """Per-channel scaling: fixed centers and scales from training, or per snapshot.
 
-    Values are clipped to ``clip`` after scaling, the range the model was trained on.
+    Values are clipped to ``clip`` after scaling, the range the model was trained on. In
+    ``snapshot`` mode a channel that barely moves (standard deviation at most 1e-6, a flat
+    line) is only centered, never divided by its spread: no division by zero, and no noise
+    blown up to the clip limits. The agent does not score such snapshots anyway (see
+    ``agent.window``); the rule keeps the function safe for any caller.
     """
 
     mode: str  # "fixed" or "snapshot"
@@ -63,12 +67,13 @@ class Normalizer:
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         if self.mode == "fixed":
-            center, scale = self.center, self.scale
+            center = self.center
+            scale = np.maximum(self.scale, _MIN_SCALE)
         else:
             center = values.mean(axis=-2, keepdims=True)
-            scale = values.std(axis=-2, keepdims=True)
-        scaled = (values - center) / np.maximum(scale, _MIN_SCALE)
-        return np.clip(scaled, -self.clip, self.clip)
+            spread = values.std(axis=-2, keepdims=True)
+            scale = np.where(spread > _MIN_SCALE, spread, 1.0)
+        return np.clip((values - center) / scale, -self.clip, self.clip)
 
 
 def prepare(raw: np.ndarray, model_length: int, normalizer: Normalizer) -> np.ndarray:

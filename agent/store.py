@@ -1,32 +1,57 @@
 """The alarm store: SQLite through SQLAlchemy 2.
 
-Two tables:
+Three tables (schema version 2, in ``PRAGMA user_version``):
 
-- ``alarms``: one row per alarm, its current state, start, end and peak score;
-- ``alarm_events``: one row per raise and per clear, with the exact JSON published on MQTT
-  and ``published_at`` once the broker acknowledged it (the outbox). ``(alarm_id, state)``
-  is unique, so a replayed window never stores or publishes an event twice.
+- ``alarms``: one row per alarm: its state, start, end, peak score, acknowledgement, and
+  whether it was raised while its class was shelved;
+- ``shelves``: one row per shelve of an (asset, class), with how and when it ended;
+- ``alarm_events``: the outbox: one row per raise, clear, ack, shelve and unshelve, with the
+  exact JSON published on MQTT and ``published_at`` once the broker acknowledged it.
+  ``(alarm_id, state)`` is unique, so a replayed window never stores or publishes an event
+  twice.
 
-Each event is committed before it is published. The schema is described in
-``docs/mqtt-and-database.md``.
+Each event is committed (``synchronous=FULL``) before it is published. The database runs in
+WAL mode with a bounded WAL (``journal_size_limit``, and ``maintain`` truncates it);
+``maintain`` also deletes rows older than the retention. At open, ``PRAGMA quick_check`` (or
+``integrity_check``) runs; a damaged database is moved aside with a timestamp and a fresh
+one created. A file that does not start with the SQLite header is refused instead: it is
+more likely a wrong path than a damaged database, and the agent moves only its own files.
+
+A damaged database loses what it held: the alarms that were active, the acknowledgements,
+the shelves, and the events not yet published (``sqlite3 FILE .recover`` may save some of
+them by hand). The schema is described in ``docs/mqtt-and-database.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
+import os
+import sqlite3
+import time
 from pathlib import Path
 
-from sqlalchemy import (Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, func, select)
+from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+                        create_engine, delete, event, func, inspect, select, text, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from agent.alarms import AlarmEvent
-from agent.timeutil import to_iso
+from agent.alarms import Ack, AlarmEvent, BoardAlarm, Shelve, ShelveChange
+from agent.timeutil import parse_timestamp, to_iso
 
 log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+SQLITE_HEADER = b"SQLite format 3\x00"
+CHECKS = ("quick", "full")
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes of WAL kept after a checkpoint
+BUSY_TIMEOUT_MS = 2000  # how long a write waits for a lock held by another process
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used; the message says what to fix."""
 
 
 class Base(DeclarativeBase):
@@ -49,6 +74,25 @@ class AlarmRow(Base):
     model_id: Mapped[str] = mapped_column(String(128))
     raised_at: Mapped[str] = mapped_column(String(32))
     cleared_at: Mapped[str | None] = mapped_column(String(32))
+    acked_by: Mapped[str | None] = mapped_column(String(128))
+    acked_at: Mapped[str | None] = mapped_column(String(32))
+    shelved: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("0"))
+
+
+class ShelveRow(Base):
+    __tablename__ = "shelves"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    asset: Mapped[str] = mapped_column(String(128), index=True)
+    class_name: Mapped[str] = mapped_column(String(128))
+    shelved_by: Mapped[str] = mapped_column(String(128))
+    shelved_at: Mapped[str] = mapped_column(String(32))
+    shelved_ts: Mapped[float] = mapped_column(Float)
+    until_utc: Mapped[str] = mapped_column(String(32))
+    until_ts: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[str | None] = mapped_column(String(32))
+    ended_by: Mapped[str | None] = mapped_column(String(128))
+    end_reason: Mapped[str | None] = mapped_column(String(16))
 
 
 class AlarmEventRow(Base):
@@ -56,12 +100,22 @@ class AlarmEventRow(Base):
     __table_args__ = (UniqueConstraint("alarm_id", "state", name="uq_alarm_event"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    alarm_id: Mapped[str] = mapped_column(ForeignKey("alarms.alarm_id"), index=True)
+    alarm_id: Mapped[str | None] = mapped_column(ForeignKey("alarms.alarm_id"), index=True)
     state: Mapped[str] = mapped_column(String(16))
     topic: Mapped[str] = mapped_column(String(256))
     payload: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(32))
     published_at: Mapped[str | None] = mapped_column(String(32), index=True)
+    suppressed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("0"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxItem:
+    """A committed event to publish: outbox id, topic and payload."""
+
+    id: int
+    topic: str
+    payload: str
 
 
 def alarm_payload(alarm: AlarmEvent) -> str:
@@ -74,17 +128,38 @@ def _now() -> str:
 
 
 class AlarmStore:
-    """Alarms and the outbox of alarm events in one SQLite file."""
+    """Alarms, shelves and the outbox of events in one SQLite file.
 
-    def __init__(self, path: str | Path):
+    ``moved_aside`` is the path the damaged database was moved to at open, or None.
+    """
+
+    def __init__(self, path: str | Path, check: str = "quick"):
         self.path = Path(path)
+        self.moved_aside: Path | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        problem = check_database(self.path, check)
+        if problem is not None:
+            self.moved_aside = move_aside(self.path)
+            log.error("DATABASE DAMAGED: %s failed its integrity check (%s). It was moved "
+                      "aside to %s and a fresh database was created; the alarms, shelves and "
+                      "unpublished events it held are not carried over (sqlite3 '%s' .recover "
+                      "may save some)", self.path, problem, self.moved_aside,
+                      self.moved_aside)
         self.engine = create_engine(f"sqlite:///{self.path}")
         event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self._create_schema()
 
-    def record(self, alarm: AlarmEvent, topic: str) -> int | None:
-        """Commit an alarm event and return its outbox id; None if it was stored already."""
+    # Writes: each commits an outbox event and returns what to publish -------------------
+
+    def record(self, alarm: AlarmEvent, topic: str, suppressed: bool = False,
+               published: bool = False) -> list[OutboxItem] | None:
+        """Commit a raise or clear; None if it was stored already.
+
+        ``suppressed``: a raise while its class is shelved, stored but not to be published
+        (the clear of such an alarm is suppressed too). A raise stored suppressed and
+        recorded again unsuppressed (its shelve ended) becomes due for publishing.
+        ``published``: the broker already acknowledged it (stored after a database outage).
+        """
         payload = alarm_payload(alarm)
         now = _now()
         with Session(self.engine) as session:
@@ -95,61 +170,290 @@ class AlarmStore:
                     start_utc=to_iso(alarm.start), start_ts=alarm.start,
                     threshold=alarm.threshold, model_id=alarm.model_id, raised_at=now,
                     state=alarm.state, end_ts=alarm.end, peak_score=alarm.peak_score,
+                    shelved=suppressed and alarm.state == "active",
                 )
                 session.add(row)
                 session.flush()  # the alarm row first: alarm_events refers to it
             elif row.state == "cleared" and alarm.state == "active":
                 return None  # a replay of a raise after its clear: nothing new
+            else:
+                stored = session.scalar(select(AlarmEventRow).where(
+                    AlarmEventRow.alarm_id == alarm.alarm_id,
+                    AlarmEventRow.state == alarm.state))
+                if stored is not None:
+                    return self._release(session, row, stored, suppressed)
+            suppressed = bool(row.shelved)
             row.state = alarm.state
             row.end_ts = alarm.end
             row.peak_score = max(row.peak_score, alarm.peak_score)
             if alarm.state == "cleared":
                 row.end_utc, row.cleared_at = to_iso(alarm.end), now
-            outbox = AlarmEventRow(alarm_id=alarm.alarm_id, state=alarm.state, topic=topic,
-                                   payload=payload, created_at=now)
-            session.add(outbox)
-            try:
-                session.commit()
-            except IntegrityError as exc:
-                session.rollback()
-                log.debug("alarm event %s/%s already stored: %s", alarm.alarm_id, alarm.state,
-                          exc.orig)
+            return self._add_event(session, alarm.alarm_id, alarm.state, topic, payload,
+                                   published, suppressed)
+
+    def record_ack(self, ack: Ack, topic: str, payload: str,
+                   published: bool = False) -> list[OutboxItem] | None:
+        """Commit an acknowledgement; None if the alarm is unknown or acknowledged already."""
+        with Session(self.engine) as session:
+            row = session.get(AlarmRow, ack.alarm.alarm_id)
+            if row is None or row.acked_by is not None:
                 return None
-            return outbox.id
+            row.acked_by, row.acked_at = ack.by, to_iso(ack.at)
+            return self._add_event(session, row.alarm_id, "acked", topic, payload, published,
+                                   False)
+
+    def record_shelve(self, change: ShelveChange, topic: str, payload: str,
+                      published: bool = False) -> list[OutboxItem] | None:
+        """Commit a shelve, or the end of one."""
+        shelve = change.shelve
+        with Session(self.engine) as session:
+            if change.shelved:
+                session.add(ShelveRow(
+                    asset=shelve.asset, class_name=shelve.class_name, shelved_by=shelve.by,
+                    shelved_at=to_iso(shelve.at), shelved_ts=shelve.at,
+                    until_utc=to_iso(shelve.until), until_ts=shelve.until))
+            else:
+                session.execute(
+                    update(ShelveRow)
+                    .where(ShelveRow.asset == shelve.asset,
+                           ShelveRow.class_name == shelve.class_name,
+                           ShelveRow.ended_at.is_(None))
+                    .values(ended_at=to_iso(change.at), ended_by=change.by,
+                            end_reason=change.reason))
+            state = "shelved" if change.shelved else "unshelved"
+            return self._add_event(session, None, state, topic, payload, published, False)
+
+    def save_progress(self, alarms: list[AlarmEvent]) -> None:
+        """Store how far active alarms have got (last slot above, peak), so that an alarm
+        resumed after a restart continues from there. Nothing is published."""
+        with Session(self.engine) as session:
+            for alarm in alarms:
+                session.execute(
+                    update(AlarmRow)
+                    .where(AlarmRow.alarm_id == alarm.alarm_id, AlarmRow.state == "active")
+                    .values(end_ts=alarm.end,
+                            peak_score=func.max(AlarmRow.peak_score, alarm.peak_score)))
+            session.commit()
 
     def mark_published(self, outbox_ids: list[int]) -> None:
         if not outbox_ids:
             return
         with Session(self.engine) as session:
-            rows = session.scalars(select(AlarmEventRow).where(AlarmEventRow.id.in_(outbox_ids)))
-            now = _now()
-            for row in rows:
-                row.published_at = now
+            session.execute(update(AlarmEventRow).where(AlarmEventRow.id.in_(outbox_ids))
+                            .values(published_at=_now()))
             session.commit()
 
-    def pending(self) -> list[AlarmEventRow]:
-        """Outbox events not yet acknowledged by the broker, oldest first."""
+    def _add_event(self, session: Session, alarm_id: str | None, state: str, topic: str,
+                   payload: str, published: bool, suppressed: bool) -> list[OutboxItem] | None:
+        now = _now()
+        outbox = AlarmEventRow(alarm_id=alarm_id, state=state, topic=topic, payload=payload,
+                               created_at=now, published_at=now if published else None,
+                               suppressed=suppressed)
+        session.add(outbox)
+        try:
+            session.commit()
+        except IntegrityError as exc:
+            session.rollback()
+            log.debug("event %s/%s already stored: %s", alarm_id, state, exc.orig)
+            return None
+        return [] if suppressed else [OutboxItem(outbox.id, topic, payload)]
+
+    @staticmethod
+    def _release(session: Session, row: AlarmRow, stored: AlarmEventRow,
+                 suppressed: bool) -> list[OutboxItem] | None:
+        if not (stored.suppressed and not suppressed and stored.state == "active"):
+            return None  # stored already
+        stored.suppressed = False
+        row.shelved = False
+        item = OutboxItem(stored.id, stored.topic, stored.payload)
+        published = stored.published_at is not None
+        session.commit()
+        return [] if published else [item]
+
+    # Reads -------------------------------------------------------------------------------
+
+    def pending(self) -> list[OutboxItem]:
+        """Outbox events not yet acknowledged by the broker, in commit order."""
         with Session(self.engine) as session:
-            query = (select(AlarmEventRow).where(AlarmEventRow.published_at.is_(None))
+            query = (select(AlarmEventRow).where(AlarmEventRow.published_at.is_(None),
+                                                 AlarmEventRow.suppressed.is_(False))
                      .order_by(AlarmEventRow.id))
-            return list(session.scalars(query))
+            return [OutboxItem(r.id, r.topic, r.payload) for r in session.scalars(query)]
 
     def pending_count(self) -> int:
         with Session(self.engine) as session:
-            query = select(func.count()).where(AlarmEventRow.published_at.is_(None))
+            query = select(func.count()).where(AlarmEventRow.published_at.is_(None),
+                                               AlarmEventRow.suppressed.is_(False))
             return int(session.scalar(query.select_from(AlarmEventRow)))
 
     def alarms(self) -> list[AlarmRow]:
         with Session(self.engine) as session:
             return list(session.scalars(select(AlarmRow).order_by(AlarmRow.start_ts)))
 
+    def find_alarm(self, alarm_id: str) -> BoardAlarm | None:
+        with Session(self.engine) as session:
+            row = session.get(AlarmRow, alarm_id)
+            return _board_alarm(row) if row is not None else None
+
+    def active_alarms(self) -> list[BoardAlarm]:
+        """The alarms active when the agent last stopped, oldest first."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(AlarmRow).where(AlarmRow.state == "active")
+                                   .order_by(AlarmRow.start_ts))
+            return [_board_alarm(row) for row in rows]
+
+    def open_shelves(self) -> list[Shelve]:
+        """Shelves that had not ended when the agent last stopped (some may have expired)."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ShelveRow).where(ShelveRow.ended_at.is_(None))
+                                   .order_by(ShelveRow.id))
+            return [Shelve(r.asset, r.class_name, r.shelved_by, r.shelved_ts, r.until_ts)
+                    for r in rows]
+
+    def wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(f"{self.path}-wal")
+        except OSError:
+            return 0
+
+    # Upkeep ------------------------------------------------------------------------------
+
+    def maintain(self, retention: float, now: float | None = None) -> dict[str, int]:
+        """Delete what is older than ``retention`` seconds (0 keeps all); truncate the WAL.
+
+        Deleted: published (or suppressed) events, cleared alarms left without events, and
+        ended shelves. Pending events and active alarms are kept whatever their age.
+        """
+        deleted = {"events": 0, "alarms": 0, "shelves": 0}
+        if retention > 0:
+            cutoff = to_iso((time.time() if now is None else now) - retention)
+            with Session(self.engine) as session:
+                done = AlarmEventRow.published_at.is_not(None) | AlarmEventRow.suppressed
+                deleted["events"] = session.execute(delete(AlarmEventRow).where(
+                    AlarmEventRow.created_at < cutoff, done)).rowcount
+                referenced = select(AlarmEventRow.alarm_id).where(
+                    AlarmEventRow.alarm_id.is_not(None))
+                deleted["alarms"] = session.execute(delete(AlarmRow).where(
+                    AlarmRow.state == "cleared", AlarmRow.cleared_at < cutoff,
+                    AlarmRow.alarm_id.not_in(referenced))).rowcount
+                deleted["shelves"] = session.execute(delete(ShelveRow).where(
+                    ShelveRow.ended_at.is_not(None), ShelveRow.ended_at < cutoff)).rowcount
+                session.commit()
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return deleted
+
     def close(self) -> None:
         self.engine.dispose()
+
+    def _create_schema(self) -> None:
+        with self.engine.begin() as conn:
+            version = conn.exec_driver_sql("PRAGMA user_version").scalar()
+            tables = set(inspect(conn).get_table_names())
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {version} is newer than this "
+                                 f"agent's ({SCHEMA_VERSION}); run the newer agent, or give "
+                                 "this one another 'database'")
+            if "alarm_events" in tables and version < 2:
+                _migrate_v1(conn)
+                log.info("database %s: schema upgraded to version %d", self.path,
+                         SCHEMA_VERSION)
+            Base.metadata.create_all(conn)
+            conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _board_alarm(row: AlarmRow) -> BoardAlarm:
+    alarm = AlarmEvent(alarm_id=row.alarm_id, asset=row.asset, class_name=row.class_name,
+                       state=row.state, start=row.start_ts, end=row.end_ts,
+                       peak_score=row.peak_score, model_id=row.model_id,
+                       threshold=row.threshold)
+    acked_at = parse_timestamp(row.acked_at) if row.acked_at else None
+    return BoardAlarm(alarm, row.acked_by, acked_at, bool(row.shelved))
+
+
+def _migrate_v1(conn) -> None:
+    """Schema 1 (before acks and shelves) to 2, keeping every row."""
+    for statement in (
+        "ALTER TABLE alarms ADD COLUMN acked_by VARCHAR(128)",
+        "ALTER TABLE alarms ADD COLUMN acked_at VARCHAR(32)",
+        "ALTER TABLE alarms ADD COLUMN shelved BOOLEAN NOT NULL DEFAULT 0",
+        "DROP INDEX IF EXISTS ix_alarm_events_alarm_id",
+        "DROP INDEX IF EXISTS ix_alarm_events_published_at",
+        "ALTER TABLE alarm_events RENAME TO alarm_events_v1",
+    ):
+        conn.exec_driver_sql(statement)
+    AlarmEventRow.__table__.create(conn)
+    conn.exec_driver_sql(
+        "INSERT INTO alarm_events (id, alarm_id, state, topic, payload, created_at, "
+        "published_at, suppressed) SELECT id, alarm_id, state, topic, payload, created_at, "
+        "published_at, 0 FROM alarm_events_v1")
+    conn.exec_driver_sql("DROP TABLE alarm_events_v1")
+
+
+def check_database(path: Path, check: str = "quick") -> str | None:
+    """Run SQLite's integrity check on an existing file; return the damage found, or None.
+
+    A missing or empty file is fine (a new database). Raise StoreError for a file that is
+    not SQLite at all, or one that cannot be checked (locked, unreadable).
+    """
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, not {check!r}")
+    try:
+        if path.stat().st_size == 0:
+            return None
+        with open(path, "rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read it: {exc.strerror}") from None
+    if header != SQLITE_HEADER:
+        raise StoreError(f"{path} is not a SQLite database (it does not start with the "
+                         "SQLite header); the agent moves aside only a damaged database, "
+                         "never another file")
+
+    pragma = "quick_check" if check == "quick" else "integrity_check"
+    try:
+        connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            rows = [str(r[0]) for r in connection.execute(f"PRAGMA {pragma}(20)")]
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        if _is_damage(exc):
+            return str(exc)
+        raise StoreError(f"{path}: cannot check it: {exc}") from None
+    return None if rows == ["ok"] else "; ".join(rows[:5])
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return True
+    message = str(exc).lower()
+    return "malformed" in message or "not a database" in message
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged database (and its WAL and shared-memory files) with a UTC stamp."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            os.replace(source, Path(f"{target}{suffix}"))
+    return target
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     cursor.close()

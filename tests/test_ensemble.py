@@ -72,9 +72,10 @@ def test_window_cuts_aligned_snapshots_when_due():
 def test_window_rejects_late_and_duplicate_samples():
     window = AssetWindow(1, 1.0, 8, 4, max_lateness=0.0, max_missing=0.5)
     cut = []
-    for slot in range(0, 8):
+    for slot in [0, 1, 3, 4, 5, 6, 7]:
         window.add(0, slot, 1.0, cut)
-    assert window.add(0, 3, 1.0, cut) == "late"  # already inside a cut snapshot
+    assert window.add(0, 2, 1.0, cut) == "late"  # already inside a cut snapshot
+    assert window.add(0, 3, 1.0, cut) == "duplicate"  # a redelivery, also after the cut
     window.add(0, 9, 1.0, cut)
     assert window.add(0, 9, 2.0, cut) == "duplicate"
     assert window.add(0, 8, 1.0, cut) is None  # out of order but not yet cut: accepted

@@ -56,6 +56,12 @@ def test_iou_rejects_masks_of_different_shapes_and_unknown_modes():
         segmentation_iou(np.zeros((4, 3)), np.zeros((4, 3)), mode="argmax")
 
 
+def test_iou_refuses_recording_lists_of_different_counts_instead_of_dropping_some():
+    truth = [one_hot([1, 1, 0]), one_hot([2, 2, 2])]
+    with pytest.raises(ValueError, match="2 true masks but 1 predicted"):
+        segmentation_iou(truth, [one_hot([1, 1, 0])])
+
+
 # --- SKAB point-wise scores and events ---------------------------------------------------------
 
 def test_skab_f1_far_mar_from_counts_summed_over_experiments():

@@ -74,7 +74,8 @@ def evaluate_stream(model: tuple, series: Series, events, **overrides) -> tuple:
 
 
 def cross_validated_operating_point(data: tuple, epochs: int, snapshots_per_epoch: int,
-                                    seed: int, folds: int = 3, augment: bool = False) -> dict:
+                                    seed: int, folds: int = 3, augment: bool = False,
+                                    train_fn=None) -> dict:
     """Snapshot length and threshold chosen on the training half only, by cross-validation.
 
     The training half is cut into ``folds`` blocks of time; for each, a model trained on the
@@ -82,8 +83,10 @@ def cross_validated_operating_point(data: tuple, epochs: int, snapshots_per_epoc
     and threshold. The candidate with the most games detected minus false alarms over the
     folds wins (ties: the threshold nearest 0.5, then the longer snapshot). A model never
     scores data it was trained on, so the choice reflects unseen games; the test half is
-    never used.
+    never used. ``train_fn`` (default ``train_model``) trains each fold's model, with
+    ``train_model``'s arguments and return value.
     """
+    train_fn = train_fn or train_model
     series, events, split, train, test, mask = data
     edges = np.linspace(0, len(train.ts), folds + 1).astype(int)
     totals: dict[tuple[int, float], list[int]] = {}
@@ -93,8 +96,8 @@ def cross_validated_operating_point(data: tuple, epochs: int, snapshots_per_epoc
                   for i in range(folds) if i != k]
         normalizer = _fixed_normalizer(np.concatenate([v for v, _ in blocks]))
         print(f"operating point: fold {k + 1}/{folds}", file=sys.stderr, flush=True)
-        model, history = train_model(blocks, normalizer, epochs, snapshots_per_epoch, seed + k,
-                                     augment=augment)
+        model, history = train_fn(blocks, normalizer, epochs, snapshots_per_epoch, seed + k,
+                                  augment=augment)
         held_series = Series(train.ts[held], train.values[held], train.channels, train.period)
         with tempfile.TemporaryDirectory() as tmp:
             fold_model = load_model(export_bundle(model, Path(tmp) / "fold", _metadata(

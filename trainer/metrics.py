@@ -71,6 +71,8 @@ def segmentation_iou(y_true: np.ndarray | Sequence[np.ndarray],
     """
     if mode not in ("softmax", "sigmoid"):
         raise ValueError(f"mode must be 'softmax' or 'sigmoid', got {mode!r}")
+    if not isinstance(y_true, np.ndarray) and len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} true masks but {len(y_pred)} predicted masks")
     pairs = [(y_true, y_pred)] if isinstance(y_true, np.ndarray) else list(zip(y_true, y_pred))
     intersection = union = None
     for truth, pred in pairs:
