@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Callable
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from agent.store import AlarmStore, OutboxItem
 
@@ -86,6 +86,32 @@ class Outbox:
         for item in items:
             self._send(item.topic, item.payload, item.id, in_order=True)
         return "stored"
+
+    def submit_many(self, entries: list[tuple[Write, str, str, bool]],
+                    write_all: Callable[[], "list[list[OutboxItem] | None]"]) \
+            -> list[str] | None:
+        """Group commit: ``write_all()`` commits every event of ``entries`` (each ``(write,
+        topic, payload, publish)``, as ``submit`` takes them) in one transaction; then they
+        are published in order. Per entry what ``submit`` returns; None when the group was
+        refused whole (an ``IntegrityError``, rolled back): the caller submits one by one."""
+        if self.unstored and not self._retry_unstored():
+            return [self._keep(_Unstored(*entry)) for entry in entries]
+        try:
+            results = write_all()
+        except IntegrityError:
+            return None
+        except SQLAlchemyError as exc:
+            self._db_failed(exc)
+            return [self._keep(_Unstored(*entry)) for entry in entries]
+        statuses = []
+        for items in results:
+            if items is None:
+                statuses.append("duplicate")
+                continue
+            for item in items:
+                self._send(item.topic, item.payload, item.id, in_order=True)
+            statuses.append("stored")
+        return statuses
 
     def on_connected(self) -> None:
         """A (re)connection: send the backlog in commit order, then allow direct sends."""

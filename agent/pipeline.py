@@ -52,13 +52,13 @@ class AssetSettings:
     channel_ranges: list[tuple[float | None, float | None]] | None = None
     max_fill: int = 3  # samples: a gap of at most this many is interpolated and scored
     long_gap: int | None = None  # samples: a gap this long is guarded; None: length // 32
-    gap_guard: int | None = None  # samples masked after a long gap; None: length // 24
+    gap_guard: int | None = None  # samples masked after a long gap; None: 3 * length // 64
     stuck_run: int = 10  # samples in a row at a range bound: the sensor is stuck at a rail
 
     def gap_slots(self) -> tuple[int, int]:
         """``long_gap`` and ``gap_guard`` in samples, with their defaults."""
         long_gap = self.snapshot_length // 32 if self.long_gap is None else self.long_gap
-        guard = self.snapshot_length // 24 if self.gap_guard is None else self.gap_guard
+        guard = 3 * self.snapshot_length // 64 if self.gap_guard is None else self.gap_guard
         return long_gap, guard
 
 

@@ -75,6 +75,8 @@ _UNSUPPORTED_PROTOCOL = 0x84  # CONNACK reason code; paho also maps a 3.1.1 refu
 _SESSION_TAKEN_OVER = 0x8E  # DISCONNECT reason code
 CONNACK_TIMEOUT = 5.0  # no answer to an MQTT 5 CONNECT this long: try MQTT 3.1.1
 WARN_INTERVAL = 10.0
+STATE_INTERVAL = 0.5  # seconds: sensor status on the state topics, at most this late
+SWEEP_INTERVAL = 10.0  # seconds: every asset's state looked at, changed or not
 MAINTENANCE_INTERVAL = 3600.0  # database retention and WAL truncation
 _GRID_REASONS = {
     "late": "arrived after the snapshot covering them was cut (max_lateness)",
@@ -214,6 +216,23 @@ def _same_pipeline(a: AssetConfig, b: AssetConfig) -> bool:
     return untopic(a) == untopic(b)
 
 
+class _PahoLog:
+    """paho's log lines to ``on_log(client, userdata, level, message)``, as paho's logger:
+    a line is formatted only when it would be shown. (paho formats every line, one per
+    packet, for an ``on_log`` callback: a tenth of its thread at 3,000 messages/s.)"""
+
+    def __init__(self, on_log):
+        self.on_log = on_log
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        if level >= logging.ERROR:
+            self.on_log(None, None, mqtt.MQTT_LOG_ERR, fmt % args)
+        elif level >= logging.WARNING:
+            self.on_log(None, None, mqtt.MQTT_LOG_WARNING, fmt % args)
+        elif log.isEnabledFor(logging.DEBUG):
+            self.on_log(None, None, mqtt.MQTT_LOG_DEBUG, fmt % args)
+
+
 class _Client(mqtt.Client):
     """paho's client, keeping why the last connection attempt failed (paho's
     ``on_connect_fail`` does not say), so that the log can tell the user what to fix, and
@@ -275,6 +294,10 @@ class AgentService:
         self._states_sent: dict[str, tuple] = {}  # asset -> (picture, last sample) published
         self._last_sample: dict[str, float] = {}  # asset -> newest sample time
         self._next_state_refresh = 0.0
+        self._states_due: set[str] = set()  # alarm or command changes: looked at next loop
+        self._states_fed: set[str] = set()  # got samples: looked at every STATE_INTERVAL
+        self._next_fed_check = 0.0
+        self._next_sweep = 0.0
         self._next_maintenance = 0.0
         self._next_progress = 0.0
         self._last_warning: dict[str, float] = {}
@@ -332,7 +355,7 @@ class AgentService:
             # 3.1.1 has no expiry: a persistent session lasts until the broker drops it.
             client = _Client(mqtt.CallbackAPIVersion.VERSION2, client_id=broker.client_id,
                              clean_session=broker.session_expiry == 0, protocol=mqtt.MQTTv311)
-        client.on_log = self._on_log
+        client.logger = _PahoLog(self._on_log)
         client.suppress_exceptions = True  # a bug in a callback must not end paho's thread
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)
@@ -627,6 +650,7 @@ class AgentService:
         self.board.classes = self._classes()  # the alarm board follows the new assets
 
         self.config = dataclasses.replace(new, assets=tuple(assets))
+        self._states_due.update(self.pipeline.assets)
         self._update_subscriptions(routes(self.config))
         log.info("reload done: %d asset(s) with a new model or settings, %d added, %d "
                  "removed, %d refused; the others carry on", len(replaced), len(added),
@@ -645,6 +669,7 @@ class AgentService:
             return
         for name in names:
             self.pipeline.assets[name]._stop_stream(clear_alarms=True)
+            self._states_due.add(name)
         self._emit(self._step())
 
     def _update_subscriptions(self, table: dict[str, Route]) -> None:
@@ -704,6 +729,7 @@ class AgentService:
         samples = decoded.samples
         asset = self.pipeline.assets[route.asset]
         rejected = asset.add(samples)
+        self._states_fed.add(route.asset)
         if asset.window.head is not None:
             newest = asset.window.slot_time(asset.window.head)
             self._last_sample[route.asset] = max(newest, self._last_sample.get(route.asset, 0))
@@ -782,39 +808,69 @@ class AgentService:
         return None
 
     def _emit(self, events: list[AlarmEvent]) -> None:
-        """Commit each raise and clear, then publish it (not while its class is shelved)."""
+        """Commit the raises and clears, then publish them (not while their class is
+        shelved). The events of one step are committed in one transaction (group commit),
+        then published in order; an event that follows one of the same alarm (a raise and
+        its clear in one step) is classified as the board will stand after the first."""
+        if not events:
+            return
         now = time.time()
-        for event in events:
-            alarm = self.board.classify(event, now)
-            topic = alarm_topic(self.config, event.asset)
+        if len(events) > 1:
+            alarms, view = [], {}
+            for event in events:
+                known = view.get(event.alarm_id)
+                alarm = (dataclasses.replace(known, event=event) if known is not None
+                         else self.board.classify(event, now))
+                view[event.alarm_id] = alarm
+                alarms.append(alarm)
+            entries = [self._outbox_entry(event, alarm) for event, alarm in zip(events, alarms)]
+            results = self.outbox.submit_many(entries, lambda: self.store.record_many(
+                [(event, entry[1], alarm.suppressed)
+                 for event, alarm, entry in zip(events, alarms, entries)]))
+            if results is not None:
+                for event, alarm, result in zip(events, alarms, results):
+                    self._emitted(event, alarm, result)
+                return
+        for event in events:  # one by one (also after a group refused as a whole)
+            alarm = self.board.classify(event, now)  # after the previous event's apply
+            write, topic, payload, publish = self._outbox_entry(event, alarm)
+            self._emitted(event, alarm, self.outbox.submit(write, topic, payload, publish))
 
-            def write(published, event=event, topic=topic, suppressed=alarm.suppressed):
-                return self.store.record(event, topic, suppressed, published)
+    def _outbox_entry(self, event: AlarmEvent, alarm: BoardAlarm) -> tuple:
+        """``(write, topic, payload, publish)`` of one raise or clear, for the outbox."""
+        topic = alarm_topic(self.config, event.asset)
 
-            result = self.outbox.submit(write, topic, alarm_payload(event),
-                                        publish=not alarm.suppressed)
-            if result == "duplicate":
-                self.counters["alarms_duplicate"] += 1
-                continue
-            self.board.apply(alarm)
-            shelved = " (class shelved: stored, not published)" if alarm.suppressed else ""
-            if event.state == "active":
-                self.counters["alarms_raised"] += 1
-                if alarm.suppressed:
-                    self.counters["alarms_shelved"] += 1
-                log.info("alarm %s raised: %s/%s since %s (score %.2f)%s", event.alarm_id[:8],
-                         event.asset, event.class_name, to_iso(event.start), event.peak_score,
-                         shelved)
-            else:
-                self.counters["alarms_cleared"] += 1
-                log.info("alarm %s cleared: %s/%s from %s to %s (peak %.2f)%s",
-                         event.alarm_id[:8], event.asset, event.class_name,
-                         to_iso(event.start), to_iso(event.end), event.peak_score, shelved)
+        def write(published, event=event, topic=topic, suppressed=alarm.suppressed):
+            return self.store.record(event, topic, suppressed, published)
+
+        return write, topic, alarm_payload(event), not alarm.suppressed
+
+    def _emitted(self, event: AlarmEvent, alarm: BoardAlarm, result: str) -> None:
+        """An event through the outbox: on the board, counted and logged."""
+        if result == "duplicate":
+            self.counters["alarms_duplicate"] += 1
+            return
+        self.board.apply(alarm)
+        self._states_due.add(event.asset)
+        shelved = " (class shelved: stored, not published)" if alarm.suppressed else ""
+        if event.state == "active":
+            self.counters["alarms_raised"] += 1
+            if alarm.suppressed:
+                self.counters["alarms_shelved"] += 1
+            log.info("alarm %s raised: %s/%s since %s (score %.2f)%s", event.alarm_id[:8],
+                     event.asset, event.class_name, to_iso(event.start), event.peak_score,
+                     shelved)
+        else:
+            self.counters["alarms_cleared"] += 1
+            log.info("alarm %s cleared: %s/%s from %s to %s (peak %.2f)%s",
+                     event.alarm_id[:8], event.asset, event.class_name,
+                     to_iso(event.start), to_iso(event.end), event.peak_score, shelved)
 
     def _command(self, asset: str, payload: bytes) -> None:
         """An operator command on ``<prefix>/<asset>/command``: validate, apply, publish."""
         now = time.time()
         self.counters["commands_received"] += 1
+        self._states_due.add(asset)
         try:
             command = parse_command(payload, now, self.config.max_shelve)
             self.board.classes = self._classes()
@@ -844,6 +900,8 @@ class AgentService:
         """Commit and publish acks and shelve changes; an ended shelve first announces the
         alarms of its class that were raised while it was in force and are still active."""
         for effect in effects:
+            self._states_due.add(effect.alarm.asset if isinstance(effect, Ack)
+                                 else effect.shelve.asset)
             if isinstance(effect, Ack):
                 topic, record = ack_topic(self.config, effect.alarm.asset), self.store.record_ack
             else:
@@ -861,6 +919,7 @@ class AgentService:
 
     def _announce(self, alarm: BoardAlarm) -> None:
         topic = alarm_topic(self.config, alarm.asset)
+        self._states_due.add(alarm.asset)
 
         def write(published, event=alarm.event, topic=topic):
             return self.store.record(event, topic, False, published)
@@ -906,12 +965,37 @@ class AgentService:
 
     def _publish_states(self, force: bool = False) -> None:
         """Publish each asset's retained state when it changed; the last sample time alone
-        refreshes it at most every ``status_interval``."""
+        refreshes it at most every ``status_interval``.
+
+        Only the assets that may have changed are looked at: those with an alarm event, a
+        command or a shelve change as soon as no message waits in the inbox (the alarms
+        themselves are out already; samples come first); those that got samples (their
+        sensor status, their last sample) at most every ``STATE_INTERVAL`` (or
+        ``status_interval`` if shorter); every asset at a (re)connection and every
+        ``SWEEP_INTERVAL``."""
         if not self.connected.is_set():
             return
         now = time.time()
-        refresh = force or time.monotonic() >= self._next_state_refresh
-        for name, asset in self.pipeline.assets.items():
+        mono = time.monotonic()
+        refresh = force or mono >= self._next_state_refresh
+        fed = refresh or mono >= self._next_fed_check
+        if force or mono >= self._next_sweep:
+            names = set(self.pipeline.assets)
+            self._next_sweep = mono + SWEEP_INTERVAL
+        elif fed:
+            names = self._states_due | self._states_fed
+        elif self.inbox.empty():
+            names = self._states_due
+        else:
+            return
+        self._states_due = set()
+        if fed:
+            self._states_fed = set()
+            self._next_fed_check = mono + min(STATE_INTERVAL, self.config.status_interval)
+        for name in names:
+            asset = self.pipeline.assets.get(name)
+            if asset is None:
+                continue  # removed by a reload
             picture = self.board.picture(name, now)
             picture["model_id"] = asset.bundle.model_id
             picture["sensors"] = asset.sensor_status()
@@ -928,6 +1012,8 @@ class AgentService:
                                        retain=True)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
                 self._states_sent[name] = (shown, last)
+            else:
+                self._states_fed.add(name)  # tried again at the next look
         if refresh:
             self._next_state_refresh = time.monotonic() + self.config.status_interval
 

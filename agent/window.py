@@ -99,10 +99,9 @@ class AssetWindow:
         self.gap_guard = gap_guard
         self.low = _rail(low, n_channels, -math.inf)
         self.high = _rail(high, n_channels, math.inf)
-        span = np.where(np.isfinite(self.high - self.low), self.high - self.low, 0.0)
-        self.rail_tolerance = FLAT_TOLERANCE * np.maximum(
-            1.0, np.maximum(span, np.nan_to_num(np.maximum(abs(self.low), abs(self.high)),
-                                                posinf=0.0)))
+        bounds = np.stack([self.low, self.high])
+        magnitude = np.where(np.isfinite(bounds), np.abs(bounds), 0.0).max(axis=0)
+        self.rail_tolerance = FLAT_TOLERANCE * np.maximum(1.0, magnitude)  # "at the rail"
         self.stuck_run = stuck_run
         self.min_samples = max(2, int(math.ceil((1.0 - max_missing) * snapshot_length)))
         self.capacity = 2 * snapshot_length + hop + self.lateness + 2
@@ -302,8 +301,8 @@ class AssetWindow:
 
         A channel whose samples from ``first`` (the snapshot's first slot of data) to the end
         of the region are all equal, and as many as a snapshot needs to be scored, is flat;
-        so is every sample of a run of equal samples
-        that holds a flat one, before and after, as later snapshots come.
+        so is every sample of a run of equal samples that holds a flat one, before it and
+        after it, as later snapshots come.
         """
         flags = self.flat[:len(region)]
         for ch in range(self.n_channels):

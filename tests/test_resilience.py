@@ -319,7 +319,11 @@ def test_sigkill_in_a_burst_of_alarms_three_times_loses_none(mosquitto, tmp_path
     watcher = Watcher(mosquitto.port)
     agent = None
     try:
-        for weeks in (3, 4, 4):  # each run goes on past the last kill: a new burst
+        # Each run goes on past the last kill: a new burst. On a loaded machine the broker
+        # may have acknowledged a whole burst before it froze: then one more run, at most 3.
+        runs = [3, 4, 4]
+        while len(pending_at_kill) < len(runs):
+            weeks = runs[len(pending_at_kill)]
             part = Series(series.ts[:weeks * WEEK], series.values[:weeks * WEEK],
                           series.channels, series.period)
             agent = Agent(config).start()
@@ -345,6 +349,9 @@ def test_sigkill_in_a_burst_of_alarms_three_times_loses_none(mosquitto, tmp_path
                 mosquitto.process.send_signal(signal.SIGCONT)
                 sender.join(70)  # its last messages go nowhere: the agent's session is gone
             pending_at_kill.append(pending_in(database))
+            if len(pending_at_kill) == len(runs) and not any(pending_at_kill) \
+                    and len(runs) < 6:
+                runs.append(runs[-1] + 1)
 
         agent = Agent(config).start()
         watcher.wait_online(agent, "agent")

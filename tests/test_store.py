@@ -5,6 +5,7 @@ import logging
 import sqlite3
 
 import pytest
+import sqlalchemy
 
 from agent.alarms import Ack, AlarmEvent, BoardAlarm, Shelve, ShelveChange
 from agent.store import (SCHEMA_VERSION, AlarmStore, StoreError, alarm_payload,
@@ -241,3 +242,35 @@ def test_a_file_that_is_not_sqlite_is_refused_not_moved(tmp_path):
         AlarmStore(path)
     assert path.read_text().startswith("shift notes")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_group_of_events_is_committed_in_one_transaction_as_one_by_one(tmp_path):
+    """record_many (one commit per pipeline step) stores and returns what record would:
+    a raise and its clear in one group, a replay, a suppressed raise, in commit order."""
+    one, many = AlarmStore(tmp_path / "one.db"), AlarmStore(tmp_path / "many.db")
+    one.record(event(9), TOPIC)
+    many.record(event(9), TOPIC)
+    group = [(event(1), TOPIC, False), (event(1, "cleared"), TOPIC, False),
+             (event(2), TOPIC, True), (event(9), TOPIC, False),
+             (event(9, "cleared"), TOPIC, False), (event(1), TOPIC, False)]
+    commits = []
+    sqlalchemy.event.listen(many.engine, "commit", lambda _conn: commits.append(1))
+
+    expected = [one.record(e, topic, suppressed) for e, topic, suppressed in group]
+    got = many.record_many(group)
+    assert commits == [1]
+    assert [None if r is None else [(i.topic, i.payload) for i in r] for r in got] == \
+        [None if r is None else [(i.topic, i.payload) for i in r] for r in expected]
+    assert [(i.topic, i.payload) for i in many.pending()] == \
+        [(i.topic, i.payload) for i in one.pending()]
+    assert [(a.alarm_id, a.state, a.end_ts, a.shelved) for a in many.alarms()] == \
+        [(a.alarm_id, a.state, a.end_ts, a.shelved) for a in one.alarms()]
+
+
+def test_progress_of_active_alarms_keeps_the_highest_peak(tmp_path):
+    store = AlarmStore(tmp_path / "alarms.db")
+    store.record(event(1), TOPIC)
+    store.save_progress([AlarmEvent(**{**event(1).__dict__, "end": 2000.0, "peak_score": 0.6})])
+    assert [(a.end_ts, a.peak_score) for a in store.alarms()] == [(2000.0, 0.9)]
+    store.save_progress([AlarmEvent(**{**event(1).__dict__, "end": 2100.0, "peak_score": 0.95})])
+    assert [(a.end_ts, a.peak_score) for a in store.alarms()] == [(2100.0, 0.95)]

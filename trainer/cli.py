@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
     pretrain = sub.add_parser("pretrain", help="pretrain the base U-Net on streamed synthetic "
                               "series and export its bundle (docs/transfer.md)")
-    pretrain.add_argument("--series", type=int, default=112_000,
+    pretrain.add_argument("--series", type=int, default=160_000,
                           help="synthetic series seen in training, each once (default: sized "
-                               "for about 12 minutes on 2 CPU cores; raise it on a GPU)")
-    pretrain.add_argument("--epochs", type=int, default=7)
+                               "for 8 to 15 minutes on 2 shared CPU cores; raise it on a GPU)")
+    pretrain.add_argument("--epochs", type=int, default=10)
     pretrain.add_argument("--batch", type=int, default=32)
     pretrain.add_argument("--seed", type=int, default=1)
     pretrain.add_argument("--out", type=Path, default=ROOT / "models" / "base-unet")

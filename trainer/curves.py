@@ -15,7 +15,10 @@ series (IoU of the points at or above 0.5, summed over the test set):
 
 The seed decides the fresh weights (the scratch model, the transferred output section) and
 the order of the batches; the data are the same for every seed, so the spread is that of
-training alone.
+training alone. Every variant trains 60 epochs, batch 16, Adam 1e-3, with the pretraining
+loss (soft Dice plus cross-entropy). The recipe was chosen on a validation split of the
+training series (560 / 140), never on the test series: with soft Dice alone and 30 epochs,
+runs of the same recipe ended anywhere from 23 % to 76 % IoU depending on the seed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FIGURES = ROOT / "docs" / "figures"
 DATA_SEED = 0
 TRAIN, TEST = 700, 700
-EPOCHS = 30
+EPOCHS = 60
 BATCH = 16
 LEARNING_RATE = 1e-3
 THRESHOLD = 0.5
@@ -71,12 +74,13 @@ def train_variant(variant: str, base, train, test, seed: int, epochs: int, batch
                   lr: float = LEARNING_RATE, run_eagerly: bool = False
                   ) -> tuple[dict, np.ndarray]:
     """Train one variant with one seed; returns its row and its test predictions."""
+    from trainer.pretrain import dice_bce_loss
     from trainer.transfer import fine_tune
 
     length = train[0].shape[1]
     model = make_model(variant, base, seed, length)
     history = fine_tune(model, train, epochs, VARIANTS[variant], lr=lr, seed=seed,
-                        batch_size=batch, run_eagerly=run_eagerly)
+                        batch_size=batch, loss=dice_bce_loss, run_eagerly=run_eagerly)
     predicted = model.predict(test[0], batch_size=64, verbose=0)
     score = segmentation_iou(test[1], predicted, "sigmoid", THRESHOLD, [CLASS_NAME])
     row = {"seed": seed, "iou": score.mean, "final_loss": history["loss"][-1],
@@ -129,7 +133,7 @@ def run(base_dir: Path, results: Path | None, seeds: tuple[int, ...] = (1, 2, 3)
                  "series": n_train + n_test, "length": length,
                  "train": f"first {n_train}", "test": f"last {n_test}"},
         "training": {"epochs": epochs, "batch": BATCH, "lr": LEARNING_RATE,
-                     "optimizer": "adam", "loss": "soft dice",
+                     "optimizer": "adam", "loss": "soft dice + binary cross-entropy",
                      "strategies": {v: VARIANTS[v] for v in variants}},
         "threshold": THRESHOLD,
         "seeds": list(seeds),

@@ -20,8 +20,10 @@ Steps per fold:
 1. Put each run on the 1 s grid as the agent does (``round(ts)``; missing slots are NaN and
    filled by linear interpolation when a snapshot is prepared).
 2. Train on random snapshots of ``SNAPSHOT_LENGTH`` slots from the training runs (each run in
-   proportion to its length) with per-snapshot normalization, the base model's input
-   scaling, through ``agent.snapshot.prepare``; soft Dice, Adam, three stages.
+   proportion to its length; some hang over a run's start or end, up to half missing, as
+   the agent's first and last snapshots of a stream do) with per-snapshot normalization,
+   the base model's input scaling, through ``agent.snapshot.prepare``; soft Dice, Adam,
+   three stages.
 3. Export the bundle (ONNX, checked against Keras) with the operating point below.
 4. Stream every test run through the agent's pipeline (``agent.pipeline.run_series``, a fresh
    pipeline per run, ONNX Runtime) and collect the alarms.
@@ -83,8 +85,8 @@ MIN_DURATION = 30.0
 CLIP = 10.0
 LEARNING_RATE = 1e-3
 BATCH = 16
-EPOCHS = 9
-SNAPSHOTS_PER_EPOCH = 256
+EPOCHS = 12
+SNAPSHOTS_PER_EPOCH = 512
 
 
 def skab_folds(runs: Sequence[SkabRun], folds: int = FOLDS) -> list[int]:
@@ -115,11 +117,22 @@ def on_grid(run: SkabRun, period: float = SKAB_PERIOD) -> tuple[np.ndarray, np.n
     return values, run.anomaly[rows].astype(np.float32)[:, None]
 
 
-def training_batches(runs: Sequence[SkabRun], batch: int, seed: int):
-    """An endless stream of batches of random snapshots, normalized per snapshot."""
+def training_batches(runs: Sequence[SkabRun], batch: int, seed: int,
+                     pad: int = SNAPSHOT_LENGTH // 2):
+    """An endless stream of batches of random snapshots, normalized per snapshot.
+
+    Each run is padded with ``pad`` missing slots (label 0) at both ends, so that some
+    snapshots hang over the start or the end of a run with up to half of them missing, as
+    the agent's first snapshots after a stream starts and its last one when it stops do; the
+    missing part is filled (flat) as the agent fills it. Without them the model has never
+    seen such a snapshot and flags the filled edge as a change.
+    """
     from trainer.snapshots import random_snapshots
 
-    grids = [on_grid(run) for run in runs]
+    grids = []
+    for values, mask in (on_grid(run) for run in runs):
+        grids.append((np.pad(values, ((pad, pad), (0, 0)), constant_values=np.nan),
+                      np.pad(mask, ((pad, pad), (0, 0)))))
     weights = np.array([len(values) - SNAPSHOT_LENGTH + 1 for values, _ in grids], float)
     if (weights < 1).any():
         short = [r.name for r, w in zip(runs, weights) if w < 1]
@@ -217,7 +230,7 @@ def train_fold(kind: str, base, base_id: str | None, train: Sequence[SkabRun],
                         steps_per_epoch=max(1, snapshots_per_epoch // BATCH))
     meta = metadata(seed, fold, kind, [r.name for r in train], history, epochs,
                     snapshots_per_epoch, base_id, command)
-    real = next(training_batches(test, 4, seed))[0]
+    real = next(training_batches(test, 4, seed, pad=0))[0]
     with tempfile.TemporaryDirectory() as tmp:
         bundle_dir = out if out is not None else Path(tmp) / "bundle"
         export_bundle(model, bundle_dir, meta, real_inputs=real, tflite=False)
