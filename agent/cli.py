@@ -162,7 +162,10 @@ def _status(args) -> int:
         print(f"segwatch-agent status: cannot read {path}: {exc}", file=sys.stderr)
         return 1
     text, healthy = status_report(status)
-    print(text)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `segwatch-agent status | head`: the reader left early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if healthy else 1
 
 

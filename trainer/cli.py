@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     skab.add_argument("--snapshots-per-epoch", type=int, default=None)
     skab.add_argument("--models", nargs="+", default=["munet_transfer"],
                       help="munet_transfer and/or munet_scratch (the scratch baseline)")
+    skab.add_argument("--normalization", nargs="+", choices=["snapshot", "fixed"],
+                      default=["snapshot", "fixed"],
+                      help="input normalizations to run, each a row of the results "
+                           "(default: both)")
     skab.add_argument("--out", type=Path, default=None,
-                      help="keep the first seed's transfer bundle in this folder")
+                      help="keep the first seed's first model's bundle in this folder")
     skab.add_argument("--results", type=Path, default=ROOT / "results" / "skab.json")
 
     dtransfer = sub.add_parser("dodgers-transfer", help="Dodgers with the base bundle "
@@ -120,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("report", help="regenerate docs/results.md from results/*.json")
 
     args = parser.parse_args(argv)
+    try:
+        if args.command != "report":
+            import keras  # noqa: F401  (the trainer's models; not in the agent's install)
+    except ImportError:
+        print("segwatch-train: TensorFlow/Keras is not installed; install the trainer with "
+              "pip install '.[trainer]' (or '.[trainer-gpu]' on a CUDA machine)",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
     logging.getLogger("agent.inference").setLevel(logging.WARNING)
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         task.run(args.data or task.DEFAULT_SKAB, args.base, args.results, tuple(args.seeds),
                  args.epochs or task.EPOCHS,
                  args.snapshots_per_epoch or task.SNAPSHOTS_PER_EPOCH, tuple(args.models),
-                 command, args.out)
+                 command, args.out, tuple(args.normalization))
     elif args.command == "dodgers-transfer":
         from trainer import dodgers as scratch
         from trainer import dodgers_transfer as task
