@@ -91,13 +91,14 @@ def _model_code_hash() -> str:
 def export(model, channels: int, seed: int):
     """The model's bundle, exported once and cached in ``build/bench-models``.
 
-    The cache key is the model name, the seed and the hash of the model and export code;
-    weights are seeded, so a cached bundle holds the same model.
+    The cache key is the model name, the channel count, the seed and the hash of the model
+    and export code; weights are seeded, so a cached bundle holds the same model.
     """
     from agent.bundle import BundleError, load_bundle
     from trainer.export import export_bundle
 
-    folder = ROOT / "build" / "bench-models" / f"{model.name}-seed{seed}-{_model_code_hash()}"
+    key = f"{model.name}-c{channels}-seed{seed}-{_model_code_hash()}"
+    folder = ROOT / "build" / "bench-models" / key
     if (folder / "bundle.json").is_file():
         try:
             return load_bundle(folder), True

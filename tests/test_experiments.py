@@ -15,7 +15,6 @@ pytest.importorskip("keras", reason="the trainer extra (TensorFlow) is not insta
 
 from agent.bundle import load_bundle  # noqa: E402
 from trainer import curves, finetune, nab, pretrain  # noqa: E402
-from trainer.dodgers import load_model  # noqa: E402
 from trainer.synthetic import CLASSES  # noqa: E402
 
 LENGTH = 256  # the shortest model length of the U-Net (4 ** 4)
@@ -84,7 +83,7 @@ def test_curves_experiment_scores_scratch_and_both_transfer_strategies(base, tmp
 
 def test_stream_scores_are_the_agents_ensembled_scores_row_by_row(base):
     folder, _ = base
-    model = load_model(folder)
+    model = nab.load_onnx(folder)
     rng = np.random.default_rng(3)
     n = 4 * LENGTH
     ts = 1_700_000_000.0 + np.arange(n)

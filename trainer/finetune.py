@@ -639,10 +639,9 @@ def evaluate(bundle_dir: Path, stream: Stream, cut: float, spans: list[Span],
              classes: list[str]) -> dict:
     """Stream ``stream`` through the agent with the bundle's settings; score the rows from
     ``cut`` on (the rows before it only fill the agent's window, as on a running agent)."""
-    from trainer.dodgers import load_model
-    from trainer.nab import stream_scores
+    from trainer.nab import load_onnx, stream_scores
 
-    model = load_model(bundle_dir)
+    model = load_onnx(bundle_dir)
     bundle = model[0]
     streamed = stream_scores(model, "holdout", stream.ts, stream.values, stream.channels)
     holdout = stream.ts >= cut
@@ -670,6 +669,7 @@ def evaluate(bundle_dir: Path, stream: Stream, cut: float, spans: list[Span],
             f"{total['false_alarms']} false alarms of {total['alarms']} alarms")
     return {
         "model_id": bundle.model_id,
+        "backend": "onnxruntime (CPU)",
         "operating_point": {k: bundle.metadata[k] for k in ("snapshot_length", "hop",
                                                             "threshold", "min_duration")},
         "iou": {"per_class": iou.as_dict(), "mean": iou.mean,

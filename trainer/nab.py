@@ -60,11 +60,24 @@ class StreamScores:
     counters: dict
 
 
+def load_onnx(bundle_dir: str | Path) -> tuple:
+    """A bundle and its self-tested ONNX Runtime backend (CPU), for ``stream_scores``.
+
+    ONNX Runtime, not the agent's fastest backend, so that evaluations run the graph that
+    every bundle has, whatever runtimes the machine has installed.
+    """
+    from agent.bundle import load_bundle
+    from agent.inference import load_backend
+
+    bundle = load_bundle(bundle_dir)
+    return bundle, load_backend(bundle, "onnxruntime", strict=True)
+
+
 def stream_scores(model: tuple, asset: str, ts: np.ndarray, values: np.ndarray,
                   channels: list[str], **overrides) -> StreamScores:
     """Stream a series through the agent's pipeline and read back the ensembled scores.
 
-    ``model`` is ``(bundle, backend)`` (``trainer.dodgers.load_model``); ``overrides`` are
+    ``model`` is ``(bundle, backend)`` (``load_onnx``); ``overrides`` are
     asset settings (``agent.pipeline.AssetSettings`` fields: ``sample_period``,
     ``snapshot_length``, ``hop``, ``threshold``, ...). Rows that share a slot share its
     score; a row whose sample was rejected (late, duplicate) still gets its slot's score.
@@ -164,10 +177,8 @@ def score_corpus(model: tuple, corpus: list[NabSeries], grid: str) -> dict:
 def run(bundle_dir: Path, data_dir: Path = DEFAULT_DATA, results: Path | None = None,
         command: str = "", grids: tuple[str, ...] = GRIDS) -> dict:
     """Score the bundle zero-shot on the NAB files in ``data_dir``; write ``results``."""
-    from trainer.dodgers import load_model
-
     started = time.perf_counter()
-    model = load_model(Path(bundle_dir))
+    model = load_onnx(bundle_dir)
     bundle = model[0]
     corpus = read_nab(data_dir)
     scored = {grid: score_corpus(model, corpus, grid) for grid in grids}
@@ -183,6 +194,7 @@ def run(bundle_dir: Path, data_dir: Path = DEFAULT_DATA, results: Path | None = 
         "code_version": code_version(),
         "bundle": str(bundle_dir),
         "model_id": bundle.model_id,
+        "backend": "onnxruntime (CPU)",
         "operating_point": {k: bundle.metadata[k] for k in ("snapshot_length", "hop",
                                                             "threshold", "min_duration")},
         "anomaly_score": "max over the classes of the agent's ensembled scores",

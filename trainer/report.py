@@ -111,7 +111,7 @@ def _curves(result: dict) -> list[str]:
         f"{result['seconds']:.0f} s on the machine that ran it). {data['series']:,} series of "
         f"{data['length']} points from `{data['generator']}` (seed {data['seed']}): "
         f"{data['train']} train, {data['test']} test. {training['epochs']} epochs, batch "
-        f"{training['batch']}, Adam {training['lr']:g}, soft Dice; transfer from "
+        f"{training['batch']}, Adam {training['lr']:g}, {training['loss']}; transfer from "
         f"`{result['base_model_id']}`. Test IoU at threshold {result['threshold']}, over "
         f"seeds {', '.join(map(str, result['seeds']))}:",
         "",
@@ -130,6 +130,14 @@ def _curves(result: dict) -> list[str]:
         verdict = "beats" if transfer[best]["mean"] > paper["transfer"] else "falls short of"
         lines += ["", f"The best transfer strategy ({best}) {verdict} the paper's "
                       f"{_pct(paper['transfer'])}."]
+        if "scratch" in scores:
+            gain = 100 * (transfer[best]["mean"] - scores["scratch"]["mean"])
+            paper_gain = 100 * (paper["transfer"] - paper["scratch"])
+            lines[-1] += (f" Transfer minus scratch: {gain:+.1f} points here, "
+                          f"{paper_gain:+.1f} in the paper"
+                          + (": on this generator a U-Net from scratch learns the task from "
+                             "700 series, and the base model's start does not help (see "
+                             "`docs/transfer.md`)." if gain < 0 else "."))
     for variant, path in result.get("figures", {}).items():
         link = path[len("docs/"):] if path.startswith("docs/") else path  # from docs/
         lines += ["", f"Test snapshots, {variant}:", "", f"![{variant}]({link})"]
