@@ -160,6 +160,7 @@ def export_bundle(model, out_dir: str | Path, metadata: dict,
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; an agent may run as another user
     try:
         (staging / MODEL_FILE).write_bytes(onnx_bytes)
         np.savez_compressed(staging / REFERENCE_FILE, inputs=inputs, outputs=outputs)
