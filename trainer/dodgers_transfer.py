@@ -37,7 +37,7 @@ from agent.evaluation import EventScore, events_with_data
 from agent.snapshot import Normalizer
 from agent.timeutil import to_iso
 from trainer import dodgers
-from trainer.export import code_version, export_bundle
+from trainer.export import code_version, export_bundle, repo_relative
 from trainer.snapshots import event_mask, random_snapshots
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def run(data_dir: Path, base_dir: Path, results: Path, epochs: int, snapshots_pe
         "code_version": version,
         "seed": seeds[0],
         "strategy": strategy,
-        "base": {"bundle": _relative(base_dir), "model_id": base_id},
+        "base": {"bundle": repo_relative(base_dir), "model_id": base_id},
         "split": {"train": [to_iso(train.ts[0]), to_iso(train.ts[-1])],
                   "test": [to_iso(test.ts[0]), to_iso(test.ts[-1])]},
         "training": {"epochs": epochs, "snapshots_per_epoch": snapshots_per_epoch,
@@ -217,7 +217,7 @@ def _scratch(path: Path) -> dict | None:
         return None
     scratch = json.loads(path.read_text())
     rows = scratch.get("seeds") or [{"seed": scratch["seed"], **scratch["test"]}]
-    return {"results": _relative(path), "command": scratch["command"],
+    return {"results": repo_relative(path), "command": scratch["command"],
             "code_version": scratch["code_version"], "model_id": scratch["model_id"],
             "operating_point": scratch["operating_point"],
             "test": {k: scratch["test"][k] for k in ("detected", "events", "false_alarms")},
@@ -241,10 +241,3 @@ def notes(report: dict) -> list[str]:
         lines.append(f"transfer minus scratch, mean over seeds: {delta:+.1f} games detected, "
                      f"{false:+.1f} false alarms")
     return lines
-
-
-def _relative(path: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        return str(path)

@@ -52,7 +52,7 @@ from agent.snapshot import Normalizer
 from trainer.datasets import (DEFAULT_DATA, EMG_CHANNELS, EMG_PERIOD_MS, EmgRecording,
                               emg_classes, emg_mask, emg_random_snapshots, emg_resample,
                               emg_split, read_emg)
-from trainer.export import code_version
+from trainer.export import code_version, repo_relative
 from trainer.metrics import PAPER_FIGURES, segmentation_iou
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def plot_models(rows: dict, test: Sequence[EmgRecording], normalizer: Normalizer
         plot_snapshots(path, x, y_true, y_pred, classes,
                        title=f"EMG test snapshots, {kind.replace('_', ' ')}, seed {seed} "
                              f"(IoU {row['iou']:.3f})", max_snapshots=len(chosen))
-        written.append(_relative(path))
+        written.append(repo_relative(path))
     return written
 
 
@@ -291,7 +291,7 @@ def run(data_dir: Path = DEFAULT_EMG, base_dir: Path = DEFAULT_BASE,
                      "normalization": "fixed per channel from the training subjects, clip 10",
                      "augmentation": f"one gain for all channels, log-uniform in "
                                      f"{list(GAIN_RANGE)}"},
-        "base": {"bundle": _relative(base_dir), "model_id": base_id} if base_id else None,
+        "base": {"bundle": repo_relative(base_dir), "model_id": base_id} if base_id else None,
         "scores": "mean IoU over the 5 gestures, every point of the test recordings",
         "models": summary,
         "paper": paper,
@@ -324,10 +324,3 @@ def notes(summary: dict, epochs: int, snapshots_per_epoch: int) -> list[str]:
         lines.append(f"transfer minus scratch (MU-Net): {100 * delta:+.1f} points (the paper: "
                      f"{100 * paper:+.1f})")
     return lines
-
-
-def _relative(path: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        return str(path)

@@ -52,6 +52,15 @@ def code_version() -> str:
         return "unknown"
 
 
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository (for results files), or as given outside it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def to_onnx(model) -> bytes:
     """The ONNX graph of a Keras model; input ``snapshot`` with a dynamic batch axis."""
     import tensorflow as tf

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.export import code_version, export_bundle
+from trainer.export import code_version, export_bundle, repo_relative
 from trainer.metrics import segmentation_iou
 from trainer.synthetic import CLASSES, MODEL_LENGTH, batch_seed, dataset, make_batch
 
@@ -263,7 +263,7 @@ def run(out: Path = DEFAULT_OUT, results: Path | None = DEFAULT_RESULTS, series:
         "code_version": version,
         "seed": seed,
         "model_id": bundle_meta["model_id"],
-        "bundle": _relative(out),
+        "bundle": repo_relative(out),
         "data": {"kind": "synthetic, streamed (trainer.synthetic)",
                  "series_seen": history["series_seen"], "model_length": length,
                  "validation": {"seed": VALIDATION_SEED, "series": validation_series},
@@ -292,10 +292,3 @@ def _figure_choice(y: np.ndarray, count: int = 6) -> list[int]:
     chosen += [i for i in np.flatnonzero(y.sum((1, 2)) == 0) if i not in chosen][:1]
     chosen += [i for i in range(len(y)) if i not in chosen][:max(0, count - len(chosen))]
     return sorted(chosen[:count])
-
-
-def _relative(path: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        return str(path)

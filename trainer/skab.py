@@ -70,7 +70,7 @@ import numpy as np
 from agent.snapshot import Normalizer
 from trainer.datasets import (DEFAULT_DATA, SKAB_CHANNELS, SKAB_FOLDERS, SKAB_PERIOD, SkabRun,
                               read_skab, read_skab_anomaly_free)
-from trainer.export import code_version
+from trainer.export import code_version, repo_relative
 from trainer.metrics import PAPER_FIGURES, SKAB_LEADERBOARD, event_detection, point_scores
 
 log = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ def run(data_dir: Path = DEFAULT_SKAB, base_dir: Path = DEFAULT_BASE,
                      "normalization": {"snapshot": "per snapshot, clip 10",
                                        "fixed": "fixed per channel from the training runs, "
                                                 "clip 10"}},
-        "base": {"bundle": _relative(base_dir), "model_id": base_id} if base_id else None,
+        "base": {"bundle": repo_relative(base_dir), "model_id": base_id} if base_id else None,
         "scratch_baseline": "munet_scratch" in models,
         "models": per_model,
         "paper": PAPER_FIGURES["gasoil_loop"],
@@ -398,10 +398,3 @@ def notes(per_model: dict) -> list[str]:
             lines.append(f"{kind.replace('_', ' ')}: point-wise F1 {pooled['f1']:.2f} is below "
                          f"the leaderboard's best {best:.2f}")
     return lines
-
-
-def _relative(path: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        return str(path)
